@@ -12,9 +12,9 @@ enum log_level log_threshold = LOG_INFO;
 static int log_fd = 2;
 
 #define LOG_TRUNC_MARK " truncated=1"
-/* Room always kept free while fields are written: the truncation mark, the
- * newline, and the closing quote of a value cut short. */
-#define LOG_RESERVE   (sizeof(LOG_TRUNC_MARK) - 1 + 1 + 1)
+/* Room always kept free while fields are written: the truncation mark and
+ * the newline. */
+#define LOG_RESERVE   (sizeof(LOG_TRUNC_MARK) - 1 + 1)
 #define LOG_FIELD_CAP (LOG_LINE_MAX - LOG_RESERVE)
 
 static const char *const level_names[] = {"err", "warn", "info", "debug"};
@@ -62,10 +62,16 @@ void log_set_fd(int fd)
     log_fd = fd;
 }
 
-/* Append n bytes if they fit below the field cap. */
-static bool log_put(struct log_line *l, const char *s, size_t n)
+/* Bytes free below the field cap once `keep` more are set aside. */
+static size_t log_room(const struct log_line *l, size_t keep)
 {
-    if (n > LOG_FIELD_CAP - l->len)
+    return l->len + keep >= LOG_FIELD_CAP ? 0 : LOG_FIELD_CAP - keep - l->len;
+}
+
+/* Append n bytes if they fit below the field cap with `keep` bytes to spare. */
+static bool log_put(struct log_line *l, const char *s, size_t n, size_t keep)
+{
+    if (n > log_room(l, keep))
         return false;
     memcpy(l->buf + l->len, s, n);
     l->len += n;
@@ -134,13 +140,14 @@ static void log_field(struct log_line *l, const char *key, const char *p, size_t
 
     if (!l->is_on || l->is_truncated)
         return;
-    if ((l->len > 0 && !log_put(l, " ", 1)) || !log_put(l, key, klen) || !log_put(l, "=", 1)) {
+    if ((l->len > 0 && !log_put(l, " ", 1, 0)) || !log_put(l, key, klen, 0) ||
+        !log_put(l, "=", 1, 0)) {
         l->len = start;
         l->is_truncated = true;
         return;
     }
     if (!log_needs_quote(p, len)) {
-        size_t room = LOG_FIELD_CAP - l->len;
+        size_t room = log_room(l, 0);
         size_t n = len <= room ? len : room;
         memcpy(l->buf + l->len, p, n);
         l->len += n;
@@ -148,8 +155,8 @@ static void log_field(struct log_line *l, const char *key, const char *p, size_t
             l->is_truncated = true;
         return;
     }
-    /* The closing quote may use the reserve (LOG_RESERVE counts it). */
-    if (!log_put(l, "\"", 1)) {
+    /* Each put below keeps one byte for the closing quote. */
+    if (!log_put(l, "\"", 1, 1)) {
         l->len = start;
         l->is_truncated = true;
         return;
@@ -157,7 +164,7 @@ static void log_field(struct log_line *l, const char *key, const char *p, size_t
     for (size_t i = 0; i < len; i++) {
         char esc[4];
         size_t n = log_escape((unsigned char)p[i], esc);
-        if (!log_put(l, esc, n)) {
+        if (!log_put(l, esc, n, 1)) {
             l->is_truncated = true;
             break;
         }
