@@ -1,0 +1,73 @@
+/* cap: the one place where capability lists are read and rewritten.
+ *
+ * The upstream's capabilities reach a client in three places: the greeting's
+ * [CAPABILITY ...] code, untagged `* CAPABILITY ...` responses, and
+ * [CAPABILITY ...] codes of tagged OKs (LOGIN, AUTHENTICATE). Every one of
+ * them goes through cap_rewrite_line(), so what the proxy offers is decided
+ * here only (X12: advertise nothing that cannot be served end to end).
+ *
+ * Today the proxy removes what it cannot carry and adds nothing:
+ *   - COMPRESS=* (the proxy reads every byte; a compressed stream would be
+ *     opaque to it),
+ *   - STARTTLS (until the proxy terminates TLS itself).
+ * CONDSTORE and QRESYNC are added only once they work end to end.
+ *
+ * Pure code: no I/O, no allocation except through the caller's struct buf.
+ */
+#ifndef QR_CAP_H
+#define QR_CAP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/buf.h"
+#include "common/err.h"
+
+/* What the proxy needs to know of an upstream's list (bit set). */
+enum cap_bit {
+    CAP_IMAP4REV1 = 1u << 0,
+    CAP_IDLE = 1u << 1,
+    CAP_LITERAL_PLUS = 1u << 2,  /* LITERAL+ */
+    CAP_LITERAL_MINUS = 1u << 3, /* LITERAL- */
+    CAP_ENABLE = 1u << 4,
+    CAP_UNSELECT = 1u << 5,
+    CAP_UIDPLUS = 1u << 6,
+    CAP_CONDSTORE = 1u << 7,
+    CAP_QRESYNC = 1u << 8,
+    CAP_STARTTLS = 1u << 9,
+    CAP_LOGINDISABLED = 1u << 10,
+    CAP_COMPRESS = 1u << 11,
+    CAP_ESEARCH = 1u << 12,
+    CAP_MOVE = 1u << 13,
+    CAP_BINARY = 1u << 14,
+    CAP_SASL_IR = 1u << 15,
+};
+
+/* Parse a space-separated capability list p[0..len) (the atoms after
+ * `* CAPABILITY` or after `[CAPABILITY`) into a cap_bit set. Unknown atoms
+ * are ignored; matching is case-insensitive (RFC 3501 §7.2.1). */
+uint32_t cap_parse(const char *p, size_t len);
+
+/* Where a line holds a capability list, if anywhere. */
+enum cap_where {
+    CAP_NONE = 0,
+    CAP_UNTAGGED, /* `* CAPABILITY a b c` */
+    CAP_CODE,     /* `... [CAPABILITY a b c] text` */
+};
+
+/* Find the capability list in a whole response line (CRLF included or not).
+ * On success *off_out and *len_out delimit the list's atoms inside line. */
+enum cap_where cap_find(const char *line, size_t len, size_t *off_out, size_t *len_out);
+
+/* Rewrite the list in a response line: copy line to out with the list
+ * replaced by the proxy's own. *bits_out receives the upstream's bits (as
+ * cap_parse of the original list). Returns 0, or QR_ELIMIT/QR_ENOMEM from
+ * growing out beyond limit, or QR_EINVAL when the line holds no list. */
+QR_MUST_CHECK int cap_rewrite_line(const char *line, size_t len, struct buf *out, size_t limit,
+                                   uint32_t *bits_out);
+
+/* True when the proxy withholds this capability atom from clients. */
+bool cap_is_withheld(const char *atom, size_t len);
+
+#endif

@@ -1,0 +1,79 @@
+/* sess: one client connection, its upstream connection, and everything
+ * relayed between them.
+ *
+ * A session owns its handles (STYLE §3): the client and upstream uv_tcp_t
+ * and one timer, embedded in struct sess with handle.data pointing at the
+ * side or session. It is freed in the close callback of its last handle.
+ * Closing is a state: sess_close() is idempotent and only starts it.
+ *
+ * Data path. Each side reads into reference-counted chunks from the
+ * process-wide pool (common/buf.h) and runs its tokenizer (common/tok.h)
+ * over the bytes. A protocol line is processed in segments: a segment ends
+ * at the line's CRLF or at a literal header `{n}`. Literal bodies are never
+ * collected: each slice goes to the other side's output queue as a
+ * reference to the chunk it was read into (DESIGN inv. 5). Client command
+ * segments are held until complete (bounded by max-line) so their tag can
+ * be replaced by the proxy's own; upstream lines that need no rewriting are
+ * streamed as soon as their first two tokens show it, so a long SEARCH or
+ * FETCH line is never held whole either.
+ *
+ * Tags. Every command gets an upstream tag of the proxy's own ("Q" and a
+ * per-session counter); a FIFO of pending commands maps the upstream's
+ * tagged responses back to the client's tag, and holds the proxy's local
+ * answers (e.g. BAD for a refused line) until every earlier command has
+ * completed, so a client sees completions in a valid order.
+ *
+ * Backpressure. When the queue towards one peer holds more than high-water
+ * bytes, the session stops reading the other peer, and resumes below
+ * low-water. A slow client therefore holds at most about high-water bytes of
+ * an upstream FETCH in memory.
+ *
+ * SASL exchanges and IDLE: after the upstream's `+` continuation for a
+ * pending AUTHENTICATE or IDLE, the client's next line is not a command: it
+ * is relayed as it is (and never logged).
+ */
+#ifndef QR_SESS_H
+#define QR_SESS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "common/buf.h"
+#include "common/cfg.h"
+#include "common/tok.h"
+
+struct sess;
+
+/* What every session of one process shares. Owned by main. */
+struct sess_ctx {
+    uv_loop_t *loop;
+    const struct cfg *cfg;
+    struct buf_pool pool;
+    struct sockaddr_storage up_addr; /* resolved at start */
+    struct tok_limits cli_lim;
+    struct tok_limits up_lim;
+    uint64_t next_id;
+    size_t n_sess;
+    struct sess *all; /* every live session, for shutdown */
+    bool is_shutting_down;
+};
+
+/* Set up ctx for cfg (which must outlive it). Resolves the upstream
+ * address (blocking getaddrinfo: called once at start, before the loop
+ * runs). Returns 0 or a negative error with a message in err. */
+int sess_ctx_init(struct sess_ctx *ctx, uv_loop_t *loop, const struct cfg *cfg, char *err,
+                  size_t errlen);
+
+/* Free what ctx holds; all sessions must be gone. */
+void sess_ctx_fini(struct sess_ctx *ctx);
+
+/* Accept one pending connection on server and start a session for it (or
+ * refuse it with `* BYE` when max-sessions is reached). */
+void sess_accept(struct sess_ctx *ctx, uv_stream_t *server);
+
+/* Tell every session `* BYE` where a line boundary allows, and close them. */
+void sess_shutdown_all(struct sess_ctx *ctx);
+
+#endif
