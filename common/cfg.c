@@ -764,6 +764,8 @@ static int cli_scan(struct cfg *c, int argc, char **argv, const char **config_ou
             c->want_version = true;
             return 0;
         case SPEC_CHECK:
+            if (a.val[0] == '\0')
+                return cfg_fail(err, errlen, "--check-config: missing value");
             free(c->check_config);
             c->check_config = xstrdup(a.val);
             break;
