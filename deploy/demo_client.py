@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""The demo's IMAP client: prints what it sends (C:) and receives (S:).
+
+    demo_client.py HOST PORT USER PASS [--caps-only]
+
+Enables QRESYNC when the server offers it and resynchronises INBOX with
+SELECT (QRESYNC ...), as a phone reconnecting would; otherwise it shows a
+plain session. Long literals are shown by size only.
+"""
+import socket
+import sys
+
+
+class Conn:
+    def __init__(self, host, port):
+        self.s = socket.create_connection((host, int(port)), timeout=20)
+        self.buf = b""
+        self.n = 0
+
+    def _line(self):
+        while b"\r\n" not in self.buf:
+            data = self.s.recv(65536)
+            if not data:
+                raise EOFError("server closed the connection")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def read_response(self):
+        """One response line with its literals; prints it."""
+        line = self._line()
+        shown = line
+        while line.endswith(b"}") and b"{" in line:
+            size = int(line[line.rindex(b"{") + 1:-1].rstrip(b"+"))
+            while len(self.buf) < size:
+                self.buf += self.s.recv(65536)
+            self.buf = self.buf[size:]
+            line = self._line()
+            shown += b" <%d bytes> " % size + line
+        text = shown.decode("utf-8", "replace")
+        print("S: " + (text if len(text) < 200 else text[:200] + " ..."))
+        return shown
+
+    def cmd(self, text, secret=None):
+        self.n += 1
+        tag = "d%d" % self.n
+        print("C: %s %s" % (tag, text if secret is None else secret))
+        self.s.sendall(("%s %s\r\n" % (tag, text)).encode())
+        lines = []
+        while True:
+            line = self.read_response()
+            lines.append(line)
+            if line.startswith(tag.encode() + b" "):
+                return lines
+
+
+def main():
+    host, port, user, password = sys.argv[1:5]
+    caps_only = "--caps-only" in sys.argv
+    c = Conn(host, port)
+    c.read_response()
+    caps = b" ".join(c.cmd("CAPABILITY")).upper()
+    if caps_only:
+        c.cmd("LOGOUT")
+        return
+    c.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
+    if b"QRESYNC" in caps:
+        c.cmd("ENABLE QRESYNC")
+        lines = c.cmd("SELECT INBOX")
+        uidvalidity = modseq = None
+        for l in lines:
+            if b"[UIDVALIDITY " in l:
+                uidvalidity = l.split(b"[UIDVALIDITY ")[1].split(b"]")[0].decode()
+            if b"[HIGHESTMODSEQ " in l:
+                modseq = l.split(b"[HIGHESTMODSEQ ")[1].split(b"]")[0].decode()
+        c.cmd('STORE 1 +FLAGS (\\Flagged)')
+        c.cmd("UNSELECT" if b"UNSELECT" in caps else "CLOSE")
+        print("-- reconnecting: one round trip tells what changed since %s" % modseq)
+        c.cmd("SELECT INBOX (QRESYNC (%s %s))" % (uidvalidity, modseq))
+    else:
+        print("-- this build does not offer QRESYNC yet: a plain session passes through")
+        c.cmd("SELECT INBOX")
+        c.cmd("UID FETCH 1:5 (UID FLAGS RFC822.SIZE)")
+        c.cmd("FETCH 1 BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]")
+    c.cmd("LOGOUT")
+
+
+if __name__ == "__main__":
+    main()
