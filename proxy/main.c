@@ -2,6 +2,7 @@
  * QRESYNC in front of servers that lack them. main wires the pieces:
  * configuration, logging, the event loop, listeners and signals. */
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,9 +53,10 @@ int main(int argc, char **argv)
 
     cfg_init(&cfg);
     if (cfg_load(&cfg, argc, argv, err, sizeof(err)) < 0) {
+        bool is_check = cfg.check_config != NULL;
         fprintf(stderr, "qresyncd: %s\n", err);
         cfg_fini(&cfg);
-        return cfg.check_config != NULL ? 1 : 2;
+        return is_check ? 1 : 2;
     }
     if (cfg.want_help) {
         cfg_usage(stdout, "qresyncd");
