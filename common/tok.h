@@ -4,15 +4,22 @@
  * (TOK_SERVER). It touches no socket and holds no pointer into the caller's
  * buffer between calls: the caller pushes whatever bytes it has, in pieces of
  * any size, and gets the same events whatever the split (the main invariant,
- * tested at every split point and by tests/fuzz/fuzz_tok.c).
+ * tested at every split point and by tests/fuzz/fuzz_tok.c). Only the
+ * TOK_LIT_DATA slices follow the pieces; their concatenation does not. Each
+ * event also consumes the same bytes whatever the split: the bytes consumed
+ * since the previous event (TOK_MORE calls included) are the event's own.
  *
  * Framing comes first. Outside quoted strings and literal bodies, CRLF (or a
  * bare LF) always ends a line; `{n}`, `{n+}` or `~{n}` (and `~{n+}`)
  * directly followed by CRLF always announces a literal of n bytes, in any
  * context (also inside an atom's bracketed part, which then ends before the
  * `{`). A proxy that keeps these two rules never loses a peer's framing,
- * whatever else the line holds. Beyond framing the tokenizer is lenient:
- * unbalanced `)` or `]` are reported as they come and are not errors.
+ * whatever else the line holds. One exception: server resp-text (TOK_TEXT)
+ * holds no literal (RFC 9051 resp-text), so a `{5}` CRLF ending it is text.
+ * Beyond framing the tokenizer is lenient: unbalanced `)` or `]` are
+ * reported as they come and are not errors, and a bare CR (no LF after it)
+ * outside quoted strings separates tokens like SP (in text it ends one
+ * TOK_TEXT and the text goes on in the next).
  *
  * Events (one per call):
  *   TOK_ATOM        an atom, lenient: any run of bytes other than SP, CR, LF,
@@ -22,7 +29,17 @@
  *                   line, list wildcards (% *). An atom may carry bracketed
  *                   parts that may hold SP and parens, nested by count, and
  *                   a partial spec, all in one atom:
- *                   BODY[HEADER.FIELDS (FROM TO)]<0.100>, BINARY[1.2].
+ *                   BODY[HEADER.FIELDS (FROM TO)]<0.100>, BINARY[1.2]. A `[`
+ *                   at token start opens such a part too ([Gmail]/Sent is
+ *                   one atom) except where a response code starts (see
+ *                   TOK_SECT_OPEN). Inside a response code `[` is an
+ *                   ordinary byte and `]` ends the atom. When a literal
+ *                   header directly follows atom bytes (`foo{5}`,
+ *                   `BODY[HEADER.FIELDS (FROM {4}`), the atom ends before
+ *                   the `{` (or `~{`), the TOK_ATOM event consumes the
+ *                   header with its CRLF and the TOK_LIT_START that follows
+ *                   consumes nothing. A first token of digits (a numeric
+ *                   tag) is a TOK_NUMBER like any other.
  *   TOK_NUMBER      an atom of digits only that fits in uint64_t; value in
  *                   ev->num (data/len hold its digits too).
  *   TOK_NIL         (server mode only) the atom NIL, any case.
@@ -37,16 +54,19 @@
  *                   then LIT_END.
  *   TOK_LIST_OPEN / TOK_LIST_CLOSE   `(` and `)`; ev->depth is the depth
  *                   after the event.
- *   TOK_SECT_OPEN / TOK_SECT_CLOSE   `[` and `]` of a response code (a `[`
- *                   at token start; in server mode after OK/NO/BAD/BYE/
- *                   PREAUTH it is always a response code).
+ *   TOK_SECT_OPEN / TOK_SECT_CLOSE   `[` and `]` of a response code: in
+ *                   server mode, a `[` at the start of resp-text, i.e. right
+ *                   after the status word OK/NO/BAD/BYE/PREAUTH (2nd token
+ *                   of `*` and of tagged lines, any case) or after a `+`
+ *                   first token. Never in client mode.
  *   TOK_TEXT        (server mode) the rest of a line after a status word
  *                   (`* OK`, `tag NO`, `* BYE`, `* PREAUTH`...) and its
  *                   optional [code], and the rest of a `+` line; the one SP
  *                   before it is not part of the text. Not emitted when
  *                   nothing but CRLF follows.
  *   TOK_EOL         the end of the line; the CRLF (or LF) is consumed.
- * ev->is_first is true for the first token of a line (the tag, or `*`/`+`).
+ * ev->is_first is true for the first token of a line (the tag, or `*`/`+`),
+ * and for the TOK_EOL of an empty line.
  * Separating spaces are consumed silently as part of the next event, so the
  * sum of *used over a line's events is exactly the line's byte count.
  *
@@ -55,9 +75,12 @@
  *   TOK_ELITERAL    a `{` that starts a literal header that is not
  *                   `{digits}`/`{digits+}` + CRLF (non-digit, empty, no CRLF
  *                   after `}`, more digits than fit), or NUL in a line
- *   TOK_ELIMIT_LIT  literal size over limits.max_literal
+ *   TOK_ELIMIT_LIT  literal size over limits.max_literal; reported once the
+ *                   whole header (CRLF included) is consumed, so that
+ *                   tok_recover() knows the literal it must skip
  *   TOK_ELINE       line (outside literal bodies, CRLF included) longer than
- *                   limits.max_line
+ *                   limits.max_line: reported when the byte at line offset
+ *                   max_line is needed
  *   TOK_EDEPTH      list or bracket nesting deeper than limits.max_depth
  *   TOK_ENOMEM      scratch could not grow (it never grows past max_line)
  * On an error *used counts the bytes consumed before the error was found.
@@ -93,14 +116,14 @@ enum tok_kind {
 };
 
 /* Return values of tok_next besides TOK_EVENT: */
-#define TOK_EVENT       1  /* *ev is filled */
-#define TOK_MORE        0  /* p used up in the middle of a token; feed more */
-#define TOK_EQUOTE      (-20001)
-#define TOK_ELITERAL    (-20002)
-#define TOK_ELIMIT_LIT  (-20003)
-#define TOK_ELINE       (-20004)
-#define TOK_EDEPTH      (-20005)
-#define TOK_ENOMEM      (-20006)
+#define TOK_EVENT      1 /* *ev is filled */
+#define TOK_MORE       0 /* p used up in the middle of a token; feed more */
+#define TOK_EQUOTE     (-20001)
+#define TOK_ELITERAL   (-20002)
+#define TOK_ELIMIT_LIT (-20003)
+#define TOK_ELINE      (-20004)
+#define TOK_EDEPTH     (-20005)
+#define TOK_ENOMEM     (-20006)
 
 #define TOK_SCRATCH_KEEP 1024
 
@@ -125,24 +148,25 @@ struct tok {
     /* private; see tok.c. Fixed size, no pointer into caller memory. */
     enum tok_mode mode;
     struct tok_limits lim;
-    int state;
-    int err;
-    unsigned depth;
-    unsigned sect_depth;
-    unsigned bracket_depth;
-    unsigned line_tokens;
-    size_t line_len;
-    uint64_t lit_left;
-    uint64_t num;
+    int state;              /* ST_* in tok.c */
+    int err;                /* the sticky error, 0 if none */
+    unsigned depth;         /* list depth */
+    unsigned sect_depth;    /* 1 inside a response code */
+    unsigned bracket_depth; /* [ ] nesting inside the current atom */
+    unsigned line_tokens;   /* token events so far in this line */
+    size_t line_len;        /* line bytes consumed, literal bodies excluded */
+    size_t cand_pos;        /* atom bytes before a literal header inside it */
+    uint64_t lit_size;      /* announced literal size */
+    uint64_t lit_left;      /* literal body bytes not yet consumed */
+    uint64_t num;           /* literal header digits so far */
+    unsigned char lh;       /* literal header recogniser (LH_* in tok.c) */
     bool lit_sync;
     bool lit_binary;
-    bool skipping;
-    bool after_status;
-    bool digits_only;
-    char *scratch;
+    bool resp_code_ok; /* resp-text: a [code] may still open */
+    bool resp_sp;      /* resp-text: the one SP may still come */
+    char *scratch;     /* a split token or an unescaped quoted string */
     size_t scratch_len;
-    size_t scratch_cap;
-    unsigned aux;
+    size_t scratch_cap; /* never above lim.max_line */
 };
 
 /* Prepare t for a new stream. lim is copied. Never fails. */
@@ -166,7 +190,11 @@ int tok_next(struct tok *t, const char *p, size_t len, size_t *used, struct tok_
  * TOK_EOL. Literals announced in the discarded part are skipped whole when
  * the peer sends them without waiting: always in server mode, only `{n+}` in
  * client mode (a client waits for `+` after `{n}`, which a refused command
- * never gets, so a sync literal header ends the discarded line). */
+ * never gets, so a sync literal header ends the discarded line). The same
+ * rule covers a literal whose header was already reported (TOK_LIT_START, or
+ * TOK_ELIMIT_LIT): its body is skipped, unless it is a client's sync literal
+ * none of whose bytes arrived, which ends the line. Called with no line
+ * pending, it discards the next line. */
 void tok_recover(struct tok *t);
 
 /* True when the next byte starts a new line (no partial line pending). */
