@@ -315,6 +315,9 @@ EOF
     unshare --mount --propagation private --pid --fork --kill-child=SIGKILL \
         -- "$d/launch.sh" >>"$d/courier.log" 2>&1 </dev/null &
     COURIER_PID=$!
+    # It is stopped with SIGKILL: keep bash from reporting "Killed" (the
+    # shell still reaps it).
+    disown "$COURIER_PID"
     echo "$COURIER_PID" >"$d/courier.pid"
     QR_SERVER_PIDS+=("$d/courier.pid")
     if ! qr_wait_ready "$COURIER_PORT" "$COURIER_PID" "* OK"; then
