@@ -251,7 +251,7 @@ int pack_observation(const struct store_obs *obs, size_t n, bool is_snapshot, st
                 rc = QR_ELIMIT;
                 goto fail;
             }
-            if (canon_len + len > canon_cap) {
+            if (canon_mem == NULL || canon_len + len > canon_cap) {
                 /* Pointers into canon_mem live in the map: rebase them. */
                 char *old = canon_mem;
 

@@ -1,0 +1,946 @@
+/* Integration tests of the state store (state/store.h) against real
+ * redis-server processes on loopback: DESIGN invariants 1-4, 6 and 7.
+ *
+ *   store_it TMPDIR [TEST...]     run all tests, or the named ones
+ *
+ * Ends with "N passed, M failed"; exits 1 when M > 0.
+ */
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "it.h"
+#include "state/clock.h"
+#include "state/store.h"
+#include "tests/integration/state/store_it.h"
+
+/* ---- synchronous wrappers around the async API ---- */
+
+struct it_res {
+    bool done;
+    int err;
+    struct store_result obs;
+    struct store_info info;
+    uint64_t *ms;
+    size_t n;
+    struct it_msg *msgs;
+    uint32_t *uids;
+    bool complete;
+};
+
+static void it_on_observe(void *arg, int err, const struct store_result *res)
+{
+    struct it_res *r = arg;
+
+    r->done = true;
+    r->err = err;
+    if (res != NULL)
+        r->obs = *res;
+}
+
+static void it_on_info(void *arg, int err, const struct store_info *info)
+{
+    struct it_res *r = arg;
+
+    r->done = true;
+    r->err = err;
+    if (info != NULL)
+        r->info = *info;
+}
+
+static void it_on_modseqs(void *arg, int err, const uint64_t *ms, size_t n,
+                          const struct store_info *info)
+{
+    struct it_res *r = arg;
+
+    r->done = true;
+    r->err = err;
+    r->n = n;
+    r->ms = malloc((n + 1) * sizeof(*ms));
+    if (n > 0)
+        memcpy(r->ms, ms, n * sizeof(*ms));
+    if (info != NULL)
+        r->info = *info;
+}
+
+static void it_on_changed(void *arg, int err, const struct store_msg *msgs, size_t n,
+                          const struct store_info *info)
+{
+    struct it_res *r = arg;
+
+    r->done = true;
+    r->err = err;
+    r->n = n;
+    r->msgs = calloc(n + 1, sizeof(*r->msgs));
+    for (size_t i = 0; i < n; i++) {
+        r->msgs[i].uid = msgs[i].uid;
+        r->msgs[i].modseq = msgs[i].modseq;
+        snprintf(r->msgs[i].flags, sizeof(r->msgs[i].flags), "%.*s", (int)msgs[i].flags_len,
+                 msgs[i].flags);
+    }
+    if (info != NULL)
+        r->info = *info;
+}
+
+static void it_on_expunged(void *arg, int err, const uint32_t *uids, size_t n, bool complete,
+                           const struct store_info *info)
+{
+    struct it_res *r = arg;
+
+    r->done = true;
+    r->err = err;
+    r->n = n;
+    r->complete = complete;
+    r->uids = malloc((n + 1) * sizeof(*uids));
+    if (n > 0)
+        memcpy(r->uids, uids, n * sizeof(*uids));
+    if (info != NULL)
+        r->info = *info;
+}
+
+static void it_res_free(struct it_res *r)
+{
+    free(r->ms);
+    free(r->msgs);
+    free(r->uids);
+    memset(r, 0, sizeof(*r));
+}
+
+#define IT_WAIT_MS 10000
+
+int it_observe(struct store_mbox *mb, const struct store_obs *o, size_t n, bool snap,
+               struct store_result *out)
+{
+    struct it_res r = {0};
+    int rc = snap ? store_observe_snapshot(mb, o, n, it_on_observe, &r, NULL)
+                  : store_observe(mb, o, n, it_on_observe, &r, NULL);
+
+    if (rc != 0)
+        return rc;
+    if (!it_wait(&r.done, IT_WAIT_MS))
+        return -9999;
+    if (out != NULL)
+        *out = r.obs;
+    return r.err;
+}
+
+int it_info(struct store_mbox *mb, struct store_info *out)
+{
+    struct it_res r = {0};
+
+    if (store_info(mb, it_on_info, &r, NULL) != 0 || !it_wait(&r.done, IT_WAIT_MS))
+        return -9999;
+    *out = r.info;
+    return r.err;
+}
+
+int it_changed(struct store_mbox *mb, uint64_t since, struct it_msg **out, size_t *n,
+               struct store_info *info)
+{
+    struct it_res r = {0};
+
+    if (store_changed(mb, since, it_on_changed, &r, NULL) != 0 || !it_wait(&r.done, IT_WAIT_MS))
+        return -9999;
+    *out = r.msgs;
+    *n = r.n;
+    if (info != NULL)
+        *info = r.info;
+    return r.err;
+}
+
+int it_modseqs(struct store_mbox *mb, const uint32_t *uids, size_t n, uint64_t *out)
+{
+    struct it_res r = {0};
+
+    if (store_modseqs(mb, uids, n, it_on_modseqs, &r, NULL) != 0 || !it_wait(&r.done, IT_WAIT_MS))
+        return -9999;
+    if (r.err == 0)
+        memcpy(out, r.ms, n * sizeof(*out));
+    it_res_free(&r);
+    return r.err;
+}
+
+int it_expunged(struct store_mbox *mb, uint64_t since, uint32_t **uids, size_t *n, bool *complete)
+{
+    struct it_res r = {0};
+
+    if (store_expunged(mb, since, it_on_expunged, &r, NULL) != 0 || !it_wait(&r.done, IT_WAIT_MS))
+        return -9999;
+    *uids = r.uids;
+    *n = r.n;
+    *complete = r.complete;
+    return r.err;
+}
+
+/* n messages 1..n, flags from a function of (uid, epoch). */
+static const char *it_flagsets[] = {
+    "", "\\Seen", "\\Seen \\Flagged", "\\Answered \\Seen", "$Junk", "\\Deleted \\Seen"};
+
+struct store_obs *it_make(uint32_t first, uint32_t n, uint32_t step, int epoch)
+{
+    struct store_obs *o = calloc(n + 1, sizeof(*o));
+
+    for (uint32_t i = 0; i < n; i++) {
+        const char *f = it_flagsets[((first + i * step) * 7 + (uint32_t)epoch) % 6];
+
+        o[i].uid = first + i * step;
+        o[i].flags = f;
+        o[i].flags_len = strlen(f);
+    }
+    return o;
+}
+
+struct store *it_store(const char *url, uint32_t timeout_ms, uint32_t hist_max, uint32_t expire)
+{
+    struct store_opts opts = {.url = url,
+                              .prefix = "t:",
+                              .timeout_ms = timeout_ms,
+                              .history_max = hist_max,
+                              .idle_expire_s = expire};
+    struct store *st = NULL;
+
+    if (store_new(it_loop, &opts, &st) != 0)
+        return NULL;
+    return st;
+}
+
+/* Wait until the store's connection is up. */
+bool it_store_up(struct store *st, uint64_t ms)
+{
+    for (uint64_t t = 0; t < ms; t += 20) {
+        if (store_is_up(st))
+            return true;
+        it_spin(20);
+    }
+    return store_is_up(st);
+}
+
+void it_store_free(struct store **st)
+{
+    store_free(st);
+    uv_run(it_loop, UV_RUN_NOWAIT);
+    uv_run(it_loop, UV_RUN_NOWAIT);
+}
+
+/* ---- tests ---- */
+
+static struct it_srv srv;
+static char url[700];
+
+static bool t_basic(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 1000, 1, 0);
+    struct it_msg *msgs;
+    size_t n;
+    uint64_t t0 = clock_now_us(), m1, m2, m3;
+    uint64_t ms[4];
+    uint32_t q[4] = {5, 500, 2000, 1};
+    uint32_t *uids;
+    bool complete;
+
+    IT_CHECK(st != NULL, "store_new");
+    IT_CHECK(store_mbox_new(st, "alice", 5, "INBOX", 5, 77, &mb) == 0, "mbox");
+    IT_CHECK(it_info(mb, &info) == 0 && !info.has_state, "no state yet");
+    /* First snapshot: every message new, one modseq, >= now (inv. 1). */
+    IT_CHECK(it_observe(mb, o, 1000, true, &res) == 0, "snapshot");
+    IT_CHECK(res.is_fresh && res.n_new == 1000 && res.modseq >= t0, "fresh %llu",
+             (unsigned long long)res.modseq);
+    m1 = res.modseq;
+    IT_CHECK(res.highest == m1, "highest");
+    /* The same snapshot again is a no-op (inv. 3). */
+    IT_CHECK(it_observe(mb, o, 1000, true, &res) == 0 && res.modseq == 0 && res.highest == m1,
+             "idempotent: modseq %llu", (unsigned long long)res.modseq);
+    IT_CHECK(it_info(mb, &info) == 0 && info.has_state && info.is_complete && info.highest == m1 &&
+                 info.n_msgs == 1000 && info.uidnext == 1001 && info.created == m1 &&
+                 info.floor == m1,
+             "info");
+    /* Three flag changes: one new modseq for all three. */
+    o[4].flags = "\\Flagged";
+    o[499].flags = "$Label1 \\Seen";
+    o[999].flags = "(\\Recent \\Deleted)";
+    for (size_t i = 0; i < 1000; i++)
+        o[i].flags_len = strlen(o[i].flags);
+    IT_CHECK(it_observe(mb, o, 1000, true, &res) == 0 && res.n_changed == 3 && res.modseq > m1,
+             "changed %u", res.n_changed);
+    m2 = res.modseq;
+    IT_CHECK(it_changed(mb, m1, &msgs, &n, &info) == 0 && n == 3, "changed since: %zu", n);
+    IT_CHECK(msgs[0].uid == 5 && strcmp(msgs[0].flags, "\\Flagged") == 0 && msgs[0].modseq == m2,
+             "msg 5: %s", msgs[0].flags);
+    IT_CHECK(msgs[1].uid == 500 && strcmp(msgs[1].flags, "$Label1 \\Seen") == 0, "msg 500 %s",
+             msgs[1].flags);
+    IT_CHECK(msgs[2].uid == 1000 && strcmp(msgs[2].flags, "\\Deleted") == 0, "msg 1000 %s",
+             msgs[2].flags);
+    free(msgs);
+    IT_CHECK(it_changed(mb, 0, &msgs, &n, &info) == 0 && n == 1000, "all: %zu", n);
+    free(msgs);
+    IT_CHECK(it_modseqs(mb, q, 4, ms) == 0, "modseqs");
+    IT_CHECK(ms[0] == m2 && ms[1] == m2 && ms[2] == 0 && ms[3] == m1, "modseqs values");
+    /* A partial observation of one message: one round trip. */
+    {
+        struct store_stats s0, s1;
+        struct store_obs one = {.uid = 7, .flags = "\\Seen \\Answered", .flags_len = 15};
+
+        store_get_stats(st, &s0);
+        IT_CHECK(it_observe(mb, &one, 1, false, &res) == 0 && res.n_changed == 1, "one");
+        store_get_stats(st, &s1);
+        IT_CHECK(s1.commands - s0.commands == 1, "round trips: %llu",
+                 (unsigned long long)(s1.commands - s0.commands));
+        m3 = res.modseq;
+        IT_CHECK(m3 > m2, "m3");
+        /* partial observation with a new message and an expunge */
+        struct store_obs two[2] = {{.uid = 1001, .flags = "", .flags_len = 0},
+                                   {.uid = 8, .is_gone = true}};
+        IT_CHECK(it_observe(mb, two, 2, false, &res) == 0 && res.n_new == 1 && res.n_gone == 1,
+                 "partial new+gone %u %u", res.n_new, res.n_gone);
+        m3 = res.modseq;
+    }
+    /* Expunge two more via a snapshot: UIDs 10 and 20 missing. */
+    {
+        struct store_obs *o2 = calloc(1001, sizeof(*o2));
+        size_t k = 0;
+
+        for (size_t i = 0; i < 1000; i++) {
+            if (o[i].uid != 10 && o[i].uid != 20 && o[i].uid != 8)
+                o2[k++] = o[i];
+        }
+        o2[k++] = (struct store_obs){.uid = 1001, .flags = "", .flags_len = 0};
+        /* uid 7 keeps its partial flags */
+        for (size_t i = 0; i < k; i++) {
+            if (o2[i].uid == 7) {
+                o2[i].flags = "\\Answered \\Seen";
+                o2[i].flags_len = 15;
+            }
+        }
+        IT_CHECK(it_observe(mb, o2, k, true, &res) == 0 && res.n_gone == 2 && res.n_changed == 0 &&
+                     res.n_new == 0,
+                 "expunge by snapshot: gone %u chg %u new %u", res.n_gone, res.n_changed,
+                 res.n_new);
+        free(o2);
+    }
+    IT_CHECK(it_expunged(mb, m2, &uids, &n, &complete) == 0 && n == 3 && complete, "expunged %zu",
+             n);
+    IT_CHECK(uids[0] == 8 && uids[1] == 10 && uids[2] == 20, "uids");
+    free(uids);
+    IT_CHECK(it_expunged(mb, m3, &uids, &n, &complete) == 0 && n == 2 && complete, "since m3");
+    free(uids);
+    /* DESIGN inv. 4: before the state was created, never complete. */
+    IT_CHECK(it_expunged(mb, m1 - 1, &uids, &n, &complete) == 0 && !complete, "before creation");
+    free(uids);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+static bool t_partial_then_snapshot(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 50, 1, 0);
+    uint32_t *uids;
+    size_t n;
+    bool complete;
+    uint64_t m0;
+
+    IT_CHECK(store_mbox_new(st, "bob", 3, "INBOX", 5, 1, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o + 10, 5, false, &res) == 0 && res.is_fresh && res.n_new == 5,
+             "partial creates");
+    m0 = res.modseq;
+    IT_CHECK(it_info(mb, &info) == 0 && info.has_state && !info.is_complete,
+             "incomplete: has %d complete %d", info.has_state, info.is_complete);
+    IT_CHECK(it_expunged(mb, m0, &uids, &n, &complete) == 0 && !complete, "no completeness");
+    free(uids);
+    IT_CHECK(it_observe(mb, o, 50, true, &res) == 0 && res.n_new == 45, "snapshot");
+    IT_CHECK(it_info(mb, &info) == 0 && info.is_complete && info.floor == res.modseq &&
+                 info.floor > m0,
+             "floor raised to the completing snapshot");
+    IT_CHECK(it_expunged(mb, m0, &uids, &n, &complete) == 0 && !complete, "still not before");
+    free(uids);
+    IT_CHECK(it_expunged(mb, res.modseq, &uids, &n, &complete) == 0 && complete, "complete after");
+    free(uids);
+    /* Idempotent again. */
+    IT_CHECK(it_observe(mb, o, 50, true, &res) == 0 && res.modseq == 0, "noop");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+static bool t_uidvalidity_change(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *a, *b;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 20, 1, 0);
+    uint64_t m1;
+
+    IT_CHECK(store_mbox_new(st, "carol", 5, "INBOX", 5, 100, &a) == 0, "mbox");
+    IT_CHECK(store_mbox_new(st, "carol", 5, "INBOX", 5, 101, &b) == 0, "mbox");
+    IT_CHECK(it_observe(a, o, 20, true, &res) == 0, "a");
+    m1 = res.modseq;
+    IT_CHECK(it_info(b, &info) == 0 && !info.has_state, "other uidvalidity: no state");
+    IT_CHECK(it_observe(b, o, 10, true, &res) == 0 && res.is_fresh && res.n_new == 10 &&
+                 res.modseq > m1,
+             "fresh state for the new UIDVALIDITY");
+    IT_CHECK(it_info(a, &info) == 0 && !info.has_state, "old one gone");
+    store_mbox_free(&a);
+    store_mbox_free(&b);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 1: FLUSHALL between two observations; the client's old
+ * modseq is lower than every new one. */
+static bool t_flushall(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 300, 1, 0);
+    struct it_msg *msgs;
+    size_t n;
+    uint64_t old;
+    redisReply *r;
+
+    IT_CHECK(store_mbox_new(st, "dave", 4, "INBOX", 5, 9, &mb) == 0, "mbox");
+    /* Push highest well beyond one per µs with fast partial changes. */
+    IT_CHECK(it_observe(mb, o, 300, true, &res) == 0, "snap");
+    for (int e = 1; e < 20; e++) {
+        struct store_obs *p = it_make(1, 300, 1, e);
+
+        IT_CHECK(it_observe(mb, p, 300, false, &res) == 0 && res.modseq > 0, "e%d", e);
+        free(p);
+    }
+    old = res.highest;
+    r = it_cmd(srv.port, "FLUSHALL");
+    IT_CHECK(r != NULL && r->type == REDIS_REPLY_STATUS, "flushall");
+    freeReplyObject(r);
+    IT_CHECK(it_observe(mb, o, 300, true, &res) == 0 && res.is_fresh, "fresh after flush");
+    IT_CHECK(res.modseq > old, "inv1: new %llu > old %llu", (unsigned long long)res.modseq,
+             (unsigned long long)old);
+    IT_CHECK(it_changed(mb, old, &msgs, &n, NULL) == 0 && n == 300,
+             "a client at the old "
+             "modseq resyncs all: %zu",
+             n);
+    for (size_t i = 0; i < n; i++)
+        IT_CHECK(msgs[i].modseq > old, "msg modseq");
+    free(msgs);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 2 and 4: one key of a mailbox evicted. */
+static bool t_evict_one_key(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 100, 1, 0);
+    uint32_t *uids;
+    size_t n;
+    bool complete;
+    uint64_t m1, m2;
+    redisReply *r;
+
+    IT_CHECK(store_mbox_new(st, "eve", 3, "INBOX", 5, 5, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 100, true, &res) == 0, "snap");
+    m1 = res.modseq;
+    IT_CHECK(it_observe(mb, o + 1, 99, true, &res) == 0 && res.n_gone == 1, "expunge uid 1");
+    m2 = res.modseq;
+    IT_CHECK(it_expunged(mb, m1, &uids, &n, &complete) == 0 && complete && n == 1, "history");
+    free(uids);
+    /* Evict the history alone: completeness must go, the floor rises. */
+    r = it_cmd(srv.port, "DEL t:{eve/INBOX}:x");
+    IT_CHECK(r != NULL && r->integer == 1, "del history");
+    freeReplyObject(r);
+    IT_CHECK(it_expunged(mb, m1, &uids, &n, &complete) == 0 && !complete, "inv4: incomplete");
+    free(uids);
+    IT_CHECK(it_info(mb, &info) == 0 && info.floor == m2, "floor raised to highest");
+    IT_CHECK(it_observe(mb, o + 2, 98, true, &res) == 0 && res.n_gone == 1 && !res.is_fresh,
+             "history rebuilt");
+    IT_CHECK(it_expunged(mb, m2, &uids, &n, &complete) == 0 && complete && n == 1 && uids[0] == 2,
+             "complete since the new floor");
+    free(uids);
+    /* Evict the state hash alone: the orphan history must not be reused. */
+    r = it_cmd(srv.port, "DEL t:{eve/INBOX}:s");
+    IT_CHECK(r != NULL && r->integer == 1, "del state");
+    freeReplyObject(r);
+    IT_CHECK(it_info(mb, &info) == 0 && !info.has_state, "state gone");
+    IT_CHECK(it_observe(mb, o + 2, 98, true, &res) == 0 && res.is_fresh && res.modseq > m2,
+             "rebuilt above");
+    IT_CHECK(it_expunged(mb, m2, &uids, &n, &complete) == 0 && !complete && n == 0,
+             "no claim from the orphan");
+    free(uids);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+static bool t_history_trim(void)
+{
+    struct store *st = it_store(url, 3000, 5, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 30, 1, 0);
+    uint32_t *uids;
+    size_t n;
+    bool complete;
+    uint64_t m[4];
+
+    IT_CHECK(store_mbox_new(st, "trim", 4, "INBOX", 5, 5, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 30, true, &res) == 0, "snap");
+    m[0] = res.modseq;
+    /* 3 expunged at m1, 3 at m2, 3 at m3: only 5 records kept. */
+    for (int i = 1; i <= 3; i++) {
+        IT_CHECK(it_observe(mb, o + 3 * i, 30 - 3 * (size_t)i, true, &res) == 0 && res.n_gone == 3,
+                 "expunge round %d", i);
+        m[i] = res.modseq;
+    }
+    IT_CHECK(it_info(mb, &info) == 0 && info.floor == m[2], "floor %llu want m2 %llu",
+             (unsigned long long)info.floor, (unsigned long long)m[2]);
+    IT_CHECK(it_expunged(mb, m[0], &uids, &n, &complete) == 0 && !complete, "trimmed: incomplete");
+    free(uids);
+    IT_CHECK(it_expunged(mb, m[2], &uids, &n, &complete) == 0 && complete && n == 3 &&
+                 uids[0] == 7 && uids[2] == 9,
+             "complete since floor: %zu", n);
+    free(uids);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+static bool t_expiry(void)
+{
+    struct store *st = it_store(url, 3000, 0, 1);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 10, 1, 0);
+    redisReply *r;
+
+    IT_CHECK(store_mbox_new(st, "idle", 4, "INBOX", 5, 5, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 10, true, &res) == 0, "snap");
+    r = it_cmd(srv.port, "PTTL t:{idle/INBOX}:s");
+    IT_CHECK(r != NULL && r->type == REDIS_REPLY_INTEGER && r->integer > 0 && r->integer <= 1000,
+             "ttl set");
+    freeReplyObject(r);
+    it_spin(1300);
+    IT_CHECK(it_info(mb, &info) == 0 && !info.has_state, "expired");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+struct it_ev {
+    int count;
+    uint32_t uv;
+    uint64_t hms;
+    bool got;
+};
+
+static void it_on_event(void *arg, uint32_t uv, uint64_t hms)
+{
+    struct it_ev *e = arg;
+
+    e->count++;
+    e->uv = uv;
+    e->hms = hms;
+    e->got = true;
+}
+
+static bool t_pubsub(void)
+{
+    struct store *a = it_store(url, 3000, 0, 0), *b = it_store(url, 3000, 0, 0);
+    struct store_mbox *ma, *mb, *other;
+    struct store_sub *s1, *s2;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 10, 1, 0);
+    struct it_ev e1 = {0}, e2 = {0};
+
+    IT_CHECK(store_mbox_new(a, "pub", 3, "INBOX", 5, 3, &ma) == 0, "mbox");
+    IT_CHECK(store_mbox_new(b, "pub", 3, "INBOX", 5, 3, &mb) == 0, "mbox");
+    IT_CHECK(store_mbox_new(b, "pub", 3, "Other", 5, 3, &other) == 0, "mbox");
+    IT_CHECK(store_subscribe(ma, it_on_event, &e1, &s1) == 0, "sub");
+    IT_CHECK(store_subscribe(ma, it_on_event, &e2, &s2) == 0, "sub");
+    IT_CHECK(it_store_up(a, 3000), "a up");
+    it_spin(200);
+    IT_CHECK(it_observe(other, o, 10, true, &res) == 0, "other mailbox");
+    IT_CHECK(it_observe(mb, o, 10, true, &res) == 0, "observe from b");
+    IT_CHECK(it_wait(&e1.got, 3000) && e1.uv == 3 && e1.hms == res.highest, "event");
+    IT_CHECK(it_wait(&e2.got, 3000), "event 2");
+    it_spin(100);
+    IT_CHECK(e1.count == 1, "only this mailbox: %d", e1.count);
+    store_unsubscribe(&s1);
+    e2.got = false;
+    o[0].flags = "x";
+    o[0].flags_len = 1;
+    IT_CHECK(it_observe(mb, o, 10, true, &res) == 0 && res.modseq > 0, "again");
+    IT_CHECK(it_wait(&e2.got, 3000) && e1.count == 1, "unsubscribed one only");
+    /* A no-op observation announces nothing. */
+    e2.got = false;
+    IT_CHECK(it_observe(mb, o, 10, true, &res) == 0 && res.modseq == 0, "noop");
+    it_spin(200);
+    IT_CHECK(!e2.got, "no event for a no-op");
+    store_unsubscribe(&s2);
+    store_mbox_free(&ma);
+    store_mbox_free(&mb);
+    store_mbox_free(&other);
+    it_store_free(&a);
+    it_store_free(&b);
+    free(o);
+    return true;
+}
+
+static bool t_cancel(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_obs *o = it_make(1, 10, 1, 0);
+    struct it_res r1 = {0}, r2 = {0};
+    struct store_req *req1 = NULL, *req2 = NULL;
+
+    IT_CHECK(store_mbox_new(st, "cancel", 6, "INBOX", 5, 3, &mb) == 0, "mbox");
+    /* One cancelled before the connection is up, one while in flight. */
+    IT_CHECK(store_observe_snapshot(mb, o, 10, it_on_observe, &r1, &req1) == 0, "obs");
+    store_req_cancel(&req1);
+    IT_CHECK(req1 == NULL, "nulled");
+    IT_CHECK(it_store_up(st, 3000), "up");
+    IT_CHECK(store_info(mb, it_on_info, &r2, &req2) == 0, "info");
+    store_req_cancel(&req2);
+    it_spin(300);
+    IT_CHECK(!r1.done && !r2.done, "never called back");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 6: Redis down is reported within the bound; the store
+ * reconnects when it is back. */
+static bool t_restart(void)
+{
+    struct store *st = it_store(url, 500, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 100, 1, 0);
+    uint64_t t0, t1, m1;
+    int err;
+
+    IT_CHECK(store_mbox_new(st, "frank", 5, "INBOX", 5, 3, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 100, true, &res) == 0, "before");
+    m1 = res.modseq;
+    it_srv_stop(&srv);
+    t0 = clock_now_us();
+    err = it_observe(mb, o, 100, true, &res);
+    t1 = clock_now_us();
+    IT_CHECK(err == QR_EUNAVAIL || err == QR_ETIMEDOUT, "unavailable: %d", err);
+    IT_CHECK(t1 - t0 < 1500000, "within the bound: %llu us", (unsigned long long)(t1 - t0));
+    IT_CHECK(!store_is_up(st), "down");
+    IT_CHECK(it_srv_restart(&srv), "restart");
+    IT_CHECK(it_store_up(st, 5000), "reconnected");
+    IT_CHECK(it_observe(mb, o, 100, true, &res) == 0 && res.is_fresh && res.modseq > m1,
+             "works again, above the old modseqs (no persistence: state lost)");
+    /* A request made while down and retried after the restart succeeds. */
+    {
+        struct it_res r = {0};
+
+        it_srv_stop(&srv);
+        it_spin(50);
+        IT_CHECK(store_observe_snapshot(mb, o, 100, it_on_observe, &r, NULL) == 0, "queue");
+        IT_CHECK(it_srv_restart(&srv), "restart 2");
+        IT_CHECK(it_wait(&r.done, 5000), "done");
+        /* Either it made it within 500 ms or it failed cleanly. */
+        IT_CHECK(r.err == 0 || r.err == QR_EUNAVAIL, "err %d", r.err);
+    }
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 3: two processes hammer one mailbox with overlapping
+ * observations. Each epoch e changes a disjoint set of UIDs (each changed
+ * once), and both processes observe every epoch, with overlap: the same
+ * epoch's UIDs and some never-changing ones. So exactly one of the two
+ * observations of an epoch changes something, the changes add up exactly
+ * (none lost, none counted twice), and each changed UID ends with the modseq
+ * its change got. */
+#define CONV_N      4000
+#define CONV_EPOCHS 150
+#define CONV_PER    20
+
+static const char *conv_flags(uint32_t uid, int epoch_done)
+{
+    /* UID u changes at epoch u / CONV_PER + 1 (if <= CONV_EPOCHS). */
+    int at = (int)(uid / CONV_PER) + 1;
+
+    return at <= epoch_done ? "$Done \\Seen" : "\\Seen"; /* canonical order */
+}
+
+static int conv_child(const char *out_path, int seed)
+{
+    struct store *st = it_store(url, 5000, 0, 0);
+    struct store_mbox *mb;
+    FILE *f = fopen(out_path, "w");
+    struct store_obs o[CONV_PER + 10];
+
+    if (st == NULL || f == NULL || store_mbox_new(st, "conv", 4, "INBOX", 5, 42, &mb) != 0)
+        return 2;
+    srand((unsigned)seed);
+    for (int e = 1; e <= CONV_EPOCHS; e++) {
+        struct store_result res;
+        size_t k = 0;
+        int rc;
+
+        for (uint32_t u = (uint32_t)(e - 1) * CONV_PER; u < (uint32_t)e * CONV_PER; u++) {
+            if (u == 0)
+                continue;
+            o[k].uid = u;
+            o[k].flags = conv_flags(u, e);
+            o[k].flags_len = strlen(o[k].flags);
+            o[k].is_gone = false;
+            k++;
+        }
+        for (int j = 0; j < 10; j++) { /* never-changing filler: UIDs above the epochs */
+            uint32_t u = CONV_EPOCHS * CONV_PER + (uint32_t)(rand() % 500);
+
+            o[k].uid = u;
+            o[k].flags = "\\Seen";
+            o[k].flags_len = 5;
+            o[k].is_gone = false;
+            k++;
+        }
+        rc = it_observe(mb, o, k, false, &res);
+        if (rc != 0)
+            return 3;
+        fprintf(f, "%d %u %llu\n", e, res.n_changed + res.n_new, (unsigned long long)res.modseq);
+        if (rand() % 4 == 0)
+            usleep((useconds_t)(rand() % 500));
+    }
+    fclose(f);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    return 0;
+}
+
+static bool t_convergence(void)
+{
+    struct store *st = it_store(url, 5000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = calloc(CONV_N, sizeof(*o));
+    char path[2][600];
+    pid_t pid[2];
+    unsigned n_changed[2][CONV_EPOCHS + 1] = {{0}};
+    uint64_t ms[2][CONV_EPOCHS + 1] = {{0}};
+    struct it_msg *msgs;
+    size_t n;
+    unsigned total = 0;
+
+    for (uint32_t u = 1; u <= CONV_N; u++) {
+        o[u - 1].uid = u;
+        o[u - 1].flags = conv_flags(u, 0);
+        o[u - 1].flags_len = strlen(o[u - 1].flags);
+    }
+    IT_CHECK(store_mbox_new(st, "conv", 4, "INBOX", 5, 42, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, CONV_N, true, &res) == 0, "initial snapshot");
+    for (int i = 0; i < 2; i++) {
+        snprintf(path[i], sizeof(path[i]), "%s/conv.%d", it_tmp, i);
+        pid[i] = fork();
+        if (pid[i] == 0) {
+            /* A fresh loop: the parent's handles are not ours. */
+            uv_loop_t loop;
+
+            uv_loop_init(&loop);
+            it_loop = &loop;
+            _exit(conv_child(path[i], 1000 + i));
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        int status;
+
+        waitpid(pid[i], &status, 0);
+        IT_CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "child %d status %d", i, status);
+    }
+    for (int i = 0; i < 2; i++) {
+        FILE *f = fopen(path[i], "r");
+        int e;
+        unsigned c;
+        unsigned long long m;
+
+        IT_CHECK(f != NULL, "results");
+        while (fscanf(f, "%d %u %llu", &e, &c, &m) == 3) {
+            n_changed[i][e] = c;
+            ms[i][e] = m;
+        }
+        fclose(f);
+    }
+    for (int e = 1; e <= CONV_EPOCHS; e++) {
+        unsigned want = e == 1 ? CONV_PER - 1 : CONV_PER;
+
+        IT_CHECK((n_changed[0][e] == want && n_changed[1][e] == 0 && ms[1][e] == 0) ||
+                     (n_changed[1][e] == want && n_changed[0][e] == 0 && ms[0][e] == 0),
+                 "epoch %d: %u/%u changes, want %u once", e, n_changed[0][e], n_changed[1][e],
+                 want);
+        total += n_changed[0][e] + n_changed[1][e];
+    }
+    IT_CHECK(total == CONV_EPOCHS * CONV_PER - 1, "no change lost or doubled: %u", total);
+    IT_CHECK(it_changed(mb, 0, &msgs, &n, NULL) == 0 && n == CONV_N, "all");
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = msgs[i].uid;
+        int e = (int)(u / CONV_PER) + 1;
+
+        IT_CHECK(strcmp(msgs[i].flags, conv_flags(u, CONV_EPOCHS)) == 0, "uid %u flags %s", u,
+                 msgs[i].flags);
+        if (e <= CONV_EPOCHS)
+            IT_CHECK(msgs[i].modseq == (ms[0][e] ? ms[0][e] : ms[1][e]),
+                     "uid %u modseq is its change's", u);
+    }
+    free(msgs);
+    /* Converged: the final truth observed again changes nothing. */
+    for (uint32_t u = 1; u <= CONV_N; u++) {
+        o[u - 1].flags = conv_flags(u, CONV_EPOCHS);
+        o[u - 1].flags_len = strlen(o[u - 1].flags);
+    }
+    IT_CHECK(it_observe(mb, o, CONV_N, true, &res) == 0 && res.modseq == 0, "final no-op");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 7 end to end: names that differ only in separators. */
+static bool t_key_isolation(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *a, *b;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 5, 1, 0);
+
+    IT_CHECK(store_mbox_new(st, "u/x", 3, "y", 1, 1, &a) == 0, "a");
+    IT_CHECK(store_mbox_new(st, "u", 1, "x/y", 3, 1, &b) == 0, "b");
+    IT_CHECK(it_observe(a, o, 5, true, &res) == 0, "obs a");
+    IT_CHECK(it_info(b, &info) == 0 && !info.has_state, "b untouched");
+    store_mbox_free(&a);
+    store_mbox_free(&b);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* The slowest way to lose: a request to a port nobody listens on. */
+static bool t_unreachable_bound(void)
+{
+    char dead[64];
+    struct store *st;
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 5, 1, 0);
+    uint64_t t0, t1;
+    int err;
+
+    snprintf(dead, sizeof(dead), "redis://127.0.0.1:%d", it_port());
+    st = it_store(dead, 300, 0, 0);
+    IT_CHECK(store_mbox_new(st, "g", 1, "INBOX", 5, 1, &mb) == 0, "mbox");
+    t0 = clock_now_us();
+    err = it_observe(mb, o, 5, true, &res);
+    t1 = clock_now_us();
+    IT_CHECK(err == QR_EUNAVAIL, "err %d", err);
+    IT_CHECK(t1 - t0 >= 250000 && t1 - t0 < 800000, "bounded: %llu us",
+             (unsigned long long)(t1 - t0));
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* ---- runner ---- */
+
+struct it_test {
+    const char *name;
+    bool (*fn)(void);
+};
+
+static const struct it_test tests[] = {
+    {"basic", t_basic},
+    {"partial_then_snapshot", t_partial_then_snapshot},
+    {"uidvalidity_change", t_uidvalidity_change},
+    {"inv1_flushall", t_flushall},
+    {"inv2_evict_one_key", t_evict_one_key},
+    {"inv4_history_trim", t_history_trim},
+    {"expiry", t_expiry},
+    {"pubsub", t_pubsub},
+    {"cancel", t_cancel},
+    {"inv7_key_isolation", t_key_isolation},
+    {"inv3_two_process_convergence", t_convergence},
+    {"inv6_unreachable_bound", t_unreachable_bound},
+    {"inv6_restart_reconnect", t_restart},
+};
+
+int store_it_main_standalone(int argc, char **argv, const char *mode);
+
+int store_it_main_standalone(int argc, char **argv, const char *mode)
+{
+    int passed = 0, failed = 0;
+
+    if (!it_srv_start(&srv, it_port(), NULL)) {
+        printf("0 passed, 1 failed\n");
+        return 1;
+    }
+    if (strcmp(mode, "unix") == 0)
+        snprintf(url, sizeof(url), "unix://%s", srv.sock);
+    else
+        snprintf(url, sizeof(url), "redis://127.0.0.1:%d", srv.port);
+    for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
+        bool want = argc == 0;
+
+        for (int j = 0; j < argc; j++)
+            want = want || strcmp(argv[j], tests[i].name) == 0;
+        if (!want)
+            continue;
+        if (tests[i].fn()) {
+            passed++;
+            printf("PASS %s/%s\n", mode, tests[i].name);
+        } else {
+            failed++;
+            printf("FAIL %s/%s: %s\n", mode, tests[i].name, it_failmsg);
+        }
+        fflush(stdout);
+    }
+    it_srv_stop(&srv);
+    printf("%d passed, %d failed\n", passed, failed);
+    fflush(stdout); /* LeakSanitizer exits without flushing stdio */
+    return failed > 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *mode = getenv("QR_IT_MODE");
+
+    if (argc < 2) {
+        fprintf(stderr, "usage: store_it TMPDIR [TEST...]\n");
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    it_tmp = argv[1];
+    it_loop = uv_default_loop();
+    return store_it_main_standalone(argc - 2, argv + 2, mode ? mode : "tcp");
+}
