@@ -39,7 +39,7 @@ mkdir -p "$OUT"
 IT=tests/integration/state
 # shellcheck disable=SC2086
 for prog in store_it; do
-    cc -I. $WARN $OPT -D_DEFAULT_SOURCE -o "$OUT/$prog" "$IT/$prog.c" "$IT/it.c" "$LIBQR" $LIBS ||
+    cc -I. $WARN $OPT -D_DEFAULT_SOURCE -o "$OUT/$prog" "$IT/$prog.c" "$IT/it.c" "$IT/store_it_lib.c" "$LIBQR" $LIBS ||
         fail_build "$prog"
 done
 

@@ -17,6 +17,22 @@ struct it_msg {
     char flags[64];
 };
 
+/* One callback's results, for tests that drive the async API directly. */
+struct it_res {
+    bool done;
+    int err;
+    struct store_result obs;
+    struct store_info info;
+    uint64_t *ms;
+    size_t n;
+    struct it_msg *msgs;
+    uint32_t *uids;
+    bool complete;
+};
+
+void it_on_observe(void *arg, int err, const struct store_result *res);
+void it_on_info(void *arg, int err, const struct store_info *info);
+
 int it_observe(struct store_mbox *mb, const struct store_obs *o, size_t n, bool snap,
                struct store_result *out);
 int it_info(struct store_mbox *mb, struct store_info *out);
