@@ -74,9 +74,17 @@ run() {
     failed=$((failed + f))
 }
 
-mkdir -p "$T/tcp" "$T/unix"
-QR_IT_MODE=tcp run tcp "$OUT/store_it" "$T/tcp" "$@"
-QR_IT_MODE=unix run unix "$OUT/store_it" "$T/unix" basic inv1_flushall inv6_restart_reconnect
+mkdir -p "$T/tcp" "$T/unix" "$T/auth" "$T/acl" "$T/unixauth"
+if [ $# -gt 0 ]; then
+    QR_IT_MODE=tcp run tcp "$OUT/store_it" "$T/tcp" "$@"
+else
+    QR_IT_MODE=tcp run tcp "$OUT/store_it" "$T/tcp"
+    QR_IT_MODE=unix run unix "$OUT/store_it" "$T/unix" basic inv1_flushall inv6_restart_reconnect
+    QR_IT_MODE=auth run auth "$OUT/store_it" "$T/auth" basic pubsub inv6_restart_reconnect \
+        auth_wrong_password
+    QR_IT_MODE=acl run acl "$OUT/store_it" "$T/acl" basic pubsub auth_wrong_password
+    QR_IT_MODE=unixauth run unixauth "$OUT/store_it" "$T/unixauth" basic pubsub
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
