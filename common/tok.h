@@ -42,7 +42,8 @@
  *                   tag) is a TOK_NUMBER like any other.
  *   TOK_NUMBER      an atom of digits only that fits in uint64_t; value in
  *                   ev->num (data/len hold its digits too).
- *   TOK_NIL         (server mode only) the atom NIL, any case.
+ *   TOK_NIL         (server mode only) the atom NIL, any case, except as a
+ *                   line's first token (a tag).
  *   TOK_QUOTED      a quoted string; data/len is the unescaped content.
  *   TOK_LIT_START   a literal header; ev->num = size, ev->is_sync (false for
  *                   `{n+}`), ev->is_binary (`~{`). The header's bytes

@@ -277,7 +277,7 @@ static char *check_splits(enum tok_mode mode, const struct tok_limits *lim, cons
                           size_t n, bool recover)
 {
     struct log whole, other;
-    size_t *cuts = malloc((n + 1) * sizeof(*cuts));
+    size_t *cuts = calloc(n + 1, sizeof(*cuts));
 
     cr_assert_not_null(cuts);
     run(&whole, mode, lim, in, n, NULL, 0, recover);
@@ -898,22 +898,50 @@ Test(tok, scratch_released_after_long_line)
     struct tok_ev ev;
     size_t used;
     char atom[2000];
+    static const char rest[] = " y\r\n";
 
     memset(atom, 'x', sizeof(atom));
     tok_init(&t, TOK_CLIENT, &big);
     cr_assert_eq(tok_next(&t, atom, sizeof(atom), &used, &ev), TOK_MORE);
     cr_assert_geq(t.scratch_cap, sizeof(atom));
-    cr_assert_eq(tok_next(&t, " y\r\n", 4, &used, &ev), TOK_EVENT);
-    cr_assert_eq(ev.len, sizeof(atom) + 0);
+    cr_assert_eq(tok_next(&t, rest, 4, &used, &ev), TOK_EVENT);
+    cr_assert_eq(ev.len, sizeof(atom));
     cr_assert_eq(ev.kind, TOK_ATOM);
     size_t off = used;
-    while (tok_next(&t, " y\r\n" + off, 4 - off, &used, &ev) == TOK_EVENT) {
+    while (tok_next(&t, rest + off, 4 - off, &used, &ev) == TOK_EVENT) {
         off += used;
         if (ev.kind == TOK_EOL)
             break;
     }
     cr_assert_eq(ev.kind, TOK_EOL);
     cr_assert_eq(t.scratch_cap, 0, "idle connection holds no big scratch");
+    tok_fini(&t);
+}
+
+Test(tok, depth_zero_refuses_response_code)
+{
+    struct tok_limits flat = {1024, 100, 0};
+
+    expect_str(TOK_SERVER, &flat, "* OK [ALERT] x\r\n", 16, false,
+               "ATOM:*|ATOM:OK|ERR:nesting too deep");
+    expect_str(TOK_SERVER, &flat, "* 1 FETCH (x)\r\n", 15, false,
+               "ATOM:*|NUM:1|ATOM:FETCH|ERR:nesting too deep");
+}
+
+Test(tok, reset_releases_big_scratch)
+{
+    struct tok t;
+    struct tok_ev ev;
+    size_t used;
+    char atom[3000];
+
+    memset(atom, 'y', sizeof(atom));
+    tok_init(&t, TOK_CLIENT, &big);
+    cr_assert_eq(tok_next(&t, atom, sizeof(atom), &used, &ev), TOK_MORE);
+    cr_assert_gt(t.scratch_cap, TOK_SCRATCH_KEEP);
+    tok_reset(&t);
+    cr_assert_eq(t.scratch_cap, 0);
+    cr_assert(tok_at_line_start(&t));
     tok_fini(&t);
 }
 
@@ -1005,6 +1033,59 @@ Test(tok, recover_server_skips_literal)
     RECOVER(
         TOK_SERVER, &big, "* OK hi\0 {3}\r\n* 1 EXISTS\r\n",
         "ATOM:*|ATOM:OK|ERR:bad literal header or NUL in line|EOL|ATOM:*|NUM:1|ATOM:EXISTS|EOL");
+}
+
+Test(tok, recover_keeps_quoted_and_header_state)
+{
+    /* Broken quoted string: escapes and its closing quote still count,
+     * then a literal after it is skipped. */
+    RECOVER(TOK_CLIENT, &big, "a1 LOGIN \"x\\y\\\"z\" {3+}\r\nabc\r\na2 NOOP\r\n",
+            "ATOM:a1|ATOM:LOGIN|ERR:bad quoted string|EOL|ATOM:a2|ATOM:NOOP|EOL");
+    RECOVER(TOK_CLIENT, &big, "a1 LOGIN \"x\\y\\\na2 NOOP\r\n",
+            "ATOM:a1|ATOM:LOGIN|ERR:bad quoted string|EOL|ATOM:a2|ATOM:NOOP|EOL");
+    /* Headers that fail and restart while skipping. */
+    RECOVER(TOK_CLIENT, &big, "a1 X\0 {{2+}\r\nab\r\na2 NOOP\r\n",
+            "ATOM:a1|ERR:bad literal header or NUL in line|EOL|ATOM:a2|ATOM:NOOP|EOL");
+    RECOVER(TOK_CLIENT, &big, "a1 X\0 {1x}\r\na2 NOOP\r\n",
+            "ATOM:a1|ERR:bad literal header or NUL in line|EOL|ATOM:a2|ATOM:NOOP|EOL");
+    RECOVER(TOK_SERVER, &big, "* X\0 {2}\r\n{3}\r\n* 1 EXISTS\r\n",
+            "ATOM:*|ERR:bad literal header or NUL in line|EOL|ATOM:*|NUM:1|ATOM:EXISTS|EOL");
+}
+
+Test(tok, recover_with_no_line_pending_discards_next_line)
+{
+    struct tok t;
+    struct tok_ev ev;
+    size_t used;
+    static const char in[] = "a1 NOOP\r\na2 NOOP\r\n";
+
+    tok_init(&t, TOK_CLIENT, &big);
+    tok_recover(&t);
+    cr_assert_not(tok_at_line_start(&t));
+    cr_assert_eq(tok_next(&t, in, sizeof(in) - 1, &used, &ev), TOK_EVENT);
+    cr_assert_eq(ev.kind, TOK_EOL);
+    cr_assert_eq(used, 9);
+    cr_assert(tok_at_line_start(&t));
+    tok_fini(&t);
+}
+
+Test(tok, recover_after_empty_nonsync_literal)
+{
+    static const char in[] = "a1 APPEND x {0+}\r\n y\r\na2 NOOP\r\n";
+    struct tok t;
+    struct tok_ev ev;
+    size_t used, off = 0;
+
+    tok_init(&t, TOK_CLIENT, &big);
+    do {
+        cr_assert_eq(tok_next(&t, in + off, sizeof(in) - 1 - off, &used, &ev), TOK_EVENT);
+        off += used;
+    } while (ev.kind != TOK_LIT_START);
+    tok_recover(&t);
+    cr_assert_eq(tok_next(&t, in + off, sizeof(in) - 1 - off, &used, &ev), TOK_EVENT);
+    cr_assert_eq(ev.kind, TOK_EOL);
+    cr_assert_eq(off + used, 22);
+    tok_fini(&t);
 }
 
 Test(tok, recover_refused_literal_after_lit_start)
