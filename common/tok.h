@@ -67,7 +67,8 @@
  *                   nothing but CRLF follows.
  *   TOK_EOL         the end of the line; the CRLF (or LF) is consumed.
  * ev->is_first is true for the first token of a line (the tag, or `*`/`+`),
- * and for the TOK_EOL of an empty line.
+ * and for a TOK_EOL when no token came before it in the line (an empty
+ * line, or one tok_recover() discarded from its start).
  * Separating spaces are consumed silently as part of the next event, so the
  * sum of *used over a line's events is exactly the line's byte count.
  *

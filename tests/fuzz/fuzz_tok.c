@@ -13,6 +13,7 @@
  *     with the same data, numbers and flags, and the same errors;
  *   - each event consumed the same bytes (tok.h: split-independent);
  *   - the consumed bytes, concatenated, reproduce the input exactly;
+ *   - literal framing, EOLs, non-empty tokens (check_shape());
  *   - TOK_MORE consumed everything, *used never exceeds the input,
  *     TOK_LIT_DATA points into the bytes passed, the scratch stays within
  *     max_line, and no run of events consumes nothing for long.
@@ -227,6 +228,60 @@ static void compare(const struct run *a, const struct run *b, const uint8_t *dat
     }
 }
 
+/* What every run must hold on its own: literal framing (a LIT_START of n
+ * is followed by exactly n body bytes, then LIT_END, unless the input ends
+ * first), every EOL comes right after an LF, tokens are not empty,
+ * numbers are digits, text holds no line break. */
+static void check_shape(const struct run *r)
+{
+    size_t raw_at = 0;
+
+    for (size_t k = 0; k < r->n; k++) {
+        const struct rec *e = &r->v[k];
+        const char *d = e->data_len > 0 ? r->arena + e->data_off : "";
+        bool last = k + 1 == r->n;
+
+        raw_at += e->raw_len;
+        if (e->rc != TOK_EVENT)
+            continue;
+        switch (e->kind) {
+        case TOK_LIT_START:
+            if (e->num > 0 && !last) {
+                const struct rec *body = &r->v[k + 1];
+                CHECK(body->rc == TOK_EVENT && body->kind == TOK_LIT_DATA, k);
+                CHECK(body->data_len == e->num || k + 2 >= r->n, k);
+                CHECK(body->data_len <= e->num, k);
+                CHECK(k + 2 >= r->n ||
+                          (r->v[k + 2].rc == TOK_EVENT && r->v[k + 2].kind == TOK_LIT_END &&
+                           r->v[k + 2].raw_len == 0),
+                      k);
+            } else if (e->num == 0 && !last) {
+                CHECK(r->v[k + 1].rc == TOK_EVENT && r->v[k + 1].kind == TOK_LIT_END, k);
+            }
+            break;
+        case TOK_EOL:
+            /* (A client's sync header ends a discarded line: the LF is
+             * the one the error consumed.) */
+            CHECK(raw_at > 0 && r->out[raw_at - 1] == '\n', k);
+            break;
+        case TOK_ATOM:
+        case TOK_NIL:
+        case TOK_TEXT:
+            CHECK(e->data_len > 0, k);
+            for (size_t m = 0; e->kind == TOK_TEXT && m < e->data_len; m++)
+                CHECK(d[m] != '\r' && d[m] != '\n', k);
+            break;
+        case TOK_NUMBER:
+            CHECK(e->data_len > 0 && e->data_len <= 20, k);
+            for (size_t m = 0; m < e->data_len; m++)
+                CHECK(d[m] >= '0' && d[m] <= '9', k);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
 static uint64_t hash(const uint8_t *data, size_t size)
 {
     uint64_t h = 1469598103934665603ULL; /* FNV-1a */
@@ -251,6 +306,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             struct run whole, split;
 
             tokenize(&whole, mode, lims[l], data, size, 0, 0);
+            check_shape(&whole);
             tokenize(&split, mode, lims[l], data, size, 1 + (size_t)((h >> 32) % 48), h | 1);
             compare(&whole, &split, data, size);
             run_free(&split);
