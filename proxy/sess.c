@@ -113,6 +113,7 @@ struct sess {
 
 static void sess_close(struct sess *s, const char *reason);
 static void sess_drain(struct sess *s, const char *reason);
+static void sess_logged_in(struct sess *s);
 static void side_update_reading(struct side *sd);
 
 /* ---------------------------------------------------------------- helpers */
@@ -516,7 +517,7 @@ static void rsp_line_done(struct sess *s)
     if (!s->saw_greeting) {
         s->saw_greeting = true;
         if (s->rl_kind == RL_UNTAGGED && strcasecmp(s->rl_status, "PREAUTH") == 0)
-            s->is_logged_in = true;
+            sess_logged_in(s);
     }
     if (s->rl_kind == RL_UNTAGGED && strcasecmp(s->rl_status, "BYE") == 0)
         s->saw_up_bye = true;
@@ -531,7 +532,7 @@ static void rsp_line_done(struct sess *s)
     if (s->rl_kind == RL_TAGGED && p != NULL) {
         bool ok = strcasecmp(s->rl_status, "OK") == 0;
         if ((p->kind == CMD_LOGIN || p->kind == CMD_AUTHENTICATE) && ok) {
-            s->is_logged_in = true;
+            sess_logged_in(s);
             free(s->user);
             s->user = p->kind == CMD_LOGIN ? s->user_cand : NULL;
             s->user_cand = NULL;
@@ -997,6 +998,14 @@ static void on_timer(uv_timer_t *t)
         emit_or_fail(&s->up, NULL, line, (size_t)n);
     }
     sess_drain(s, s->is_logged_in ? "idle timeout" : "pre-auth timeout");
+}
+
+/* From now on the inactivity limit is idle-timeout, not preauth-timeout. */
+static void sess_logged_in(struct sess *s)
+{
+    s->is_logged_in = true;
+    if (!s->is_draining && !s->is_closing)
+        sess_arm_timer(s, sess_timeout_ms(s));
 }
 
 static void on_up_connect(uv_connect_t *req, int status)
