@@ -50,7 +50,10 @@ static bool it_srv_spawn(struct it_srv *s)
 
         (void)f;
         dup2(STDOUT_FILENO, STDERR_FILENO);
-        execlp("redis-server", "redis-server", conf, (char *)NULL);
+        if (s->is_sentinel)
+            execlp("redis-server", "redis-server", conf, "--sentinel", (char *)NULL);
+        else
+            execlp("redis-server", "redis-server", conf, (char *)NULL);
         _exit(127);
     }
     s->pid = pid;
@@ -100,6 +103,26 @@ bool it_srv_start(struct it_srv *s, int port, const char *extra_conf)
             port, s->dir, s->sock);
     if (extra_conf != NULL)
         fprintf(f, "%s\n", extra_conf);
+    fclose(f);
+    return it_srv_spawn(s);
+}
+
+bool it_sentinel_start(struct it_srv *s, int port, const char *conf_lines)
+{
+    char conf[700];
+    FILE *f;
+
+    memset(s, 0, sizeof(*s));
+    s->port = port;
+    s->is_sentinel = true;
+    snprintf(s->dir, sizeof(s->dir), "%s/sentinel-%d", it_tmp, port);
+    mkdir(s->dir, 0700);
+    snprintf(conf, sizeof(conf), "%s/redis.conf", s->dir);
+    f = fopen(conf, "w");
+    if (f == NULL)
+        return false;
+    fprintf(f, "port %d\nbind 127.0.0.1\ndir %s\ndaemonize no\nprotected-mode no\n%s\n", port,
+            s->dir, conf_lines);
     fclose(f);
     return it_srv_spawn(s);
 }

@@ -23,6 +23,7 @@ struct it_srv {
     pid_t pid;
     char dir[512];
     char sock[600]; /* unix socket path, if enabled */
+    bool is_sentinel;
 };
 
 extern const char *it_tmp; /* the run's temp dir */
@@ -45,6 +46,8 @@ int it_port(void);
 /* Start redis-server on port with extra config lines (may be NULL);
  * waits until it answers PING (with auth if the config sets one). */
 bool it_srv_start(struct it_srv *s, int port, const char *extra_conf);
+/* Start a sentinel (redis-server --sentinel) with the given config lines. */
+bool it_sentinel_start(struct it_srv *s, int port, const char *conf_lines);
 /* Start again with the same directory and config (restart). */
 bool it_srv_restart(struct it_srv *s);
 void it_srv_stop(struct it_srv *s);

@@ -38,7 +38,7 @@ fi
 mkdir -p "$OUT"
 IT=tests/integration/state
 # shellcheck disable=SC2086
-for prog in store_it; do
+for prog in store_it deploy_it; do
     cc -I. $WARN $OPT -D_DEFAULT_SOURCE -o "$OUT/$prog" "$IT/$prog.c" "$IT/it.c" "$IT/store_it_lib.c" "$LIBQR" $LIBS ||
         fail_build "$prog"
 done
@@ -47,7 +47,7 @@ T=$(mktemp -d /tmp/qr-state-it.XXXXXX)
 # Servers are children of the test programs, stopped by PID there; this
 # trap stops any a crashed program left, by the PIDs in their pidfiles.
 cleanup() {
-    for f in "$T"/*/redis.pid "$T"/*/sentinel.pid; do
+    for f in "$T"/*/*/redis.pid; do
         [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null
     done
     [ -n "${QR_KEEP_TMP:-}" ] || rm -rf "$T"
@@ -84,6 +84,9 @@ else
         auth_wrong_password
     QR_IT_MODE=acl run acl "$OUT/store_it" "$T/acl" basic pubsub auth_wrong_password
     QR_IT_MODE=unixauth run unixauth "$OUT/store_it" "$T/unixauth" basic pubsub
+    mkdir -p "$T/sentinel" "$T/cluster"
+    run sentinel "$OUT/deploy_it" "$T/sentinel" sentinel
+    run cluster "$OUT/deploy_it" "$T/cluster" cluster
 fi
 
 echo "$passed passed, $failed failed"
