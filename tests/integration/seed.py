@@ -9,7 +9,11 @@ One Maildir++ tree that both upstreams read as the same mailbox state:
               from ~300 bytes to ~10 MiB (three of 5-10 MiB, one exactly
               10 MiB = 10485760 bytes on disk), flags \\Seen \\Flagged
               \\Answered \\Draft and the keywords $Label1 and Work; the last
-              three in new/ (never seen by a client).
+              three in new/ (never seen by a client: Dovecot keeps the UIDs
+              58-60 listed for them, Courier gives them new UIDs 61-63 when
+              it moves them to cur/ at the first SELECT, so its UIDNEXT
+              becomes 64). Message 19's body holds IMAP-looking lines
+              (TRICKY).
   Archive     12 messages     Sent  6 messages
   Old Mail     4 messages     Drafts  empty
   (Courier names them INBOX.Archive, ...; Dovecot Archive, ...)
@@ -79,7 +83,26 @@ def rfc2822_date(t):
     return email.utils.formatdate(t, localtime=False)
 
 
-def make_message(rng, folder, n, t, size, kind, subject=None):
+# Body text of INBOX message 19: lines an IMAP parser must leave alone inside
+# a literal (a proxy that scans literal contents for tags or literal markers
+# breaks on them).
+TRICKY = (
+    "a3 OK FETCH completed.\n"
+    "* 19 EXPUNGE\n"
+    "+ go ahead\n"
+    "zz OK LOGOUT completed\n"
+    "* BYE server shutting down\n"
+    "a literal marker at the end of a line {10}\n"
+    "0123456789\n"
+    "a non-synchronizing one {3+}\n"
+    "abc\n"
+    "DONE\n"
+    "\n"
+    ".\n"
+)
+
+
+def make_message(rng, folder, n, t, size, kind, subject=None, extra=""):
     """Returns the message bytes (LF line ends, as Maildir stores them)."""
     frm = PEOPLE[n % len(PEOPLE)]
     to = PEOPLE[(n + 1) % len(PEOPLE)]
@@ -97,7 +120,8 @@ def make_message(rng, folder, n, t, size, kind, subject=None):
         hdr.append("Cc: %s" % PEOPLE[(n + 2) % len(PEOPLE)])
     if kind == "plain":
         hdr += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=us-ascii"]
-        body = "Hello,\n\n" + text_lines(rng, max(size - 400, 40)) + "\n-- \nseed\n"
+        body = ("Hello,\n\n" + extra + text_lines(rng, max(size - 400, 40)) +
+                "\n-- \nseed\n")
     elif kind == "rfc822":  # no MIME headers at all
         body = text_lines(rng, max(size - 350, 40))
     else:  # multipart/mixed with a text part and a base64 attachment
@@ -215,6 +239,8 @@ def seed(dest):
             # Build it a little short, then pad (after the closing MIME
             # boundary: the epilogue) to the exact size.
             msg = pad_to(make_message(rng, "INBOX", i, t, size - 4000, kind, subj), size)
+        elif i == 19:
+            msg = make_message(rng, "INBOX", i, t, size, "plain", subj, extra=TRICKY)
         else:
             msg = make_message(rng, "INBOX", i, t, size, kind, subj)
         inbox.append((msg, t, flags, kws, i > 57))

@@ -302,6 +302,11 @@ class Server:
         # Courier's imaplogin execs imapd after LOGIN/AUTHENTICATE and what
         # the client pipelined behind the login is lost (the session hangs).
         self.pipeline_after_login = name != "courier"
+        # Longest command line the server takes: Dovecot imap_max_line_length
+        # 64k; Courier about 8 KB ("* NO [ALERT] IMAP command too long."
+        # per chunk beyond it, and a 22 KB sequence set ends the session
+        # with "* BYE [ALERT] Fatal error: max atom size too small").
+        self.max_line = 8000 if name == "courier" else 60000
         self.worker_names = {"imap", "imapd", "imaplogin"}
 
     def has(self, cap):
@@ -699,8 +704,9 @@ def s_idle(s, srv):
     s.cmd("a3", "NOOP")
     s.send(b"i2 IDLE\r\n")
     s.cont(tag="i2")
-    s.send(b"DONE\r\n")
+    s.send(b"DONE\r\ni3 NOOP\r\n")  # DONE and the next command in one write
     s.tag("i2")
+    s.tag("i3")
     s.cmd("a4", "FETCH 1:3 (UID FLAGS)")
     s.logout("zy", c="c2")
     s.logout()
@@ -888,11 +894,115 @@ def s_abrupt(s, srv):
     s.send(b"i1 IDLE\r\n")
     s.cont(tag="i1")
     s.drop()
+    # A client that goes away in the middle of a 10 MB literal.
+    s.connect("c2")
+    s.login("c1", c="c2")
+    s.cmd("c2", "EXAMINE INBOX", c="c2")
+    s.send(b"c3 FETCH 41 BODY.PEEK[]\r\n", c="c2")
+    s.until(rb"^\* 41 FETCH", c="c2", timeout=30)
+    s.drop(c="c2")
+    s.sleep(0.2)
     # The upstream must see the client gone: a fresh session still works.
     s.connect("c3")
     s.login("b1", c="c3")
     s.cmd("b2", "EXAMINE INBOX", c="c3")
     s.logout(c="c3")
+
+
+@session("tags_and_case")
+def s_tags(s, srv):
+    s.connect()
+    s.login("A.b-9")
+    long_tag = "T" * 200
+    s.cmd("0", "noop")
+    s.cmd("x", "NoOp")
+    s.cmd(long_tag, "CAPABILITY")
+    # The same tag twice in one write: both completions carry it.
+    s.send(b"dup NOOP\r\ndup SELECT INBOX\r\n")
+    s.tag("dup")
+    s.tag("dup")
+    s.cmd("y", "fetch 1 (flags uid)")
+    s.cmd("z", "uid fetch 2 (FLAGS)")
+    s.cmd("w", "NOOP ", expect=None)  # trailing space
+    s.logout()
+
+
+@session("odd_tags")
+def s_odd_tags(s, srv):
+    # Tags the upstreams reject or parse their own way (Dovecot: untagged
+    # "* BAD Error in IMAP tag"; Courier takes "a]b" as tag "a").
+    s.connect()
+    s.login()
+    s.send(b"a]b NOOP\r\n")
+    s.until(rb"^(\* |a |a\]b )(OK|NO|BAD)")
+    s.send(b"* NOOP\r\n")
+    s.until(rb"^\* (BAD|NO|OK)")
+    s.send(b"+tag NOOP\r\n")
+    s.until(rb"^(\* |\+tag )(BAD|NO|OK)")  # Courier: "+tag OK NOOP completed"
+    s.cmd("a2", "NOOP")
+    s.logout()
+
+
+@session("tricky_literals")
+def s_tricky(s, srv):
+    s.connect()
+    s.login()
+    s.cmd("a2", "SELECT INBOX")
+    s.cmd("a3", "FETCH 19 BODY.PEEK[]")
+    s.cmd("a4", "FETCH 19 (BODY.PEEK[TEXT]<0.120> RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    tricky = (b"From: Tricky <t@qresyncd.test>\r\nSubject: tricky append\r\n"
+              b"Date: Mon, 14 Sep 2020 10:00:00 +0000\r\n\r\n"
+              b"a5 OK APPEND completed\r\n+ more\r\nDONE\r\n* 1 EXISTS\r\n"
+              b"line ending in a literal marker {5}\r\n12345\r\nzz LOGOUT\r\n"
+              b"8-bit: \xc3\xa9\xe2\x82\xac and a lone CR \r in the middle\r\n")
+    s.literal("a5", "APPEND INBOX %s " % DATE1, tricky)
+    s.cmd("a6", "NOOP")
+    s.cmd("a7", "FETCH 61 (RFC822.SIZE BODY.PEEK[])")
+    s.literal("a8", "SEARCH BODY ", b"zz LOGOUT")
+    s.literal("a9", "SEARCH TEXT ", b"line ending in a literal marker {5}")
+    s.literal("b1", "APPEND INBOX %s " % DATE2, b"", expect=None)  # empty message
+    s.cmd("b2", "NOOP")
+    s.logout()
+
+
+@session("append_large")
+def s_append_large(s, srv):
+    s.connect()
+    s.login()
+    s.cmd("a2", "SELECT INBOX")
+    big = message("ten megabytes", 10 * 1024 * 1024, 41)
+    s.literal("a3", "APPEND INBOX (\\Seen) %s " % DATE1, big, timeout=60)
+    if srv.has("LITERAL+"):
+        s.literal("a4", "APPEND INBOX %s " % DATE2, big[:6 * 1024 * 1024] + b"\r\n",
+                  sync=False, timeout=60)
+    s.cmd("a5", "NOOP")
+    s.cmd("a6", "FETCH 61:* (UID RFC822.SIZE FLAGS INTERNALDATE)")
+    s.cmd("a7", "FETCH 61 BODY.PEEK[]", timeout=60)
+    s.logout()
+
+
+@session("starttls_refused")
+def s_starttls(s, srv):
+    s.connect()
+    s.cmd("a1", "CAPABILITY")
+    s.cmd("a2", "STARTTLS", expect=("BAD", "NO"))
+    s.login("a3")
+    s.cmd("a4", "STARTTLS", expect=("BAD", "NO"))
+    s.logout()
+
+
+@session("long_lines")
+def s_long(s, srv):
+    s.connect()
+    s.login()
+    s.cmd("a2", "SELECT INBOX")
+    n = srv.max_line - 200
+    seq = ",".join("%d:%d" % (i % 60 + 1, (i * 7) % 60 + 1) for i in range(n // 6))
+    s.cmd("a3", "UID FETCH %s (FLAGS)" % seq[:seq.rindex(",", 0, n)])
+    ors = "SEARCH " + "OR SUBJECT \"alpha\" " * 40 + "ALL"
+    s.cmd("a4", ors)
+    s.cmd("a5", "SEARCH HEADER X-Long \"%s\"" % ("x" * n))
+    s.logout()
 
 
 # --------------------------------------------------------------------------
