@@ -51,7 +51,10 @@
  *                                    the listed nodes are seeds
  *
  * User and password are percent-decoded (%40 for '@'). IPv6 hosts go in
- * brackets ([::1]:6379).
+ * brackets ([::1]:6379). Give IP addresses (or names in /etc/hosts):
+ * hiredis 0.14 resolves a host name with a blocking getaddrinfo() on the
+ * loop. Logs: store.redis_down (warn) and store.redis_up (info), once per
+ * transition.
  *
  * Callbacks: every asynchronous call either fails at once (returns a
  * negative code, no callback ever) or returns 0 and calls its callback

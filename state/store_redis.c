@@ -32,6 +32,7 @@
 #include <mbedtls/sha1.h>
 #include <uv.h>
 
+#include "common/log.h"
 #include "common/xalloc.h"
 #include "state/clock.h"
 #include "state/cluster.h"
@@ -224,10 +225,31 @@ void store_req_cancel(struct store_req **reqp)
 
 /* ---- links ---- */
 
+/* One line per transition, never per retry (STYLE §7: warn = degraded). */
+static void store_link_log(const struct store_link *l, enum log_level level, const char *event)
+{
+    struct log_line ll;
+
+    if (!log_on(level))
+        return;
+    log_begin(&ll, level, event);
+    if (l->path != NULL) {
+        log_str(&ll, "redis", l->path);
+    } else {
+        log_str(&ll, "redis", l->host);
+        log_u64(&ll, "port", (uint64_t)l->port);
+    }
+    log_str(&ll, "role", l->is_sub ? "pubsub" : l->is_sentinel ? "sentinel" : "commands");
+    log_end(&ll);
+}
+
 static void store_link_down(struct store_link *l)
 {
     struct store *st = l->st;
 
+    /* DESIGN inv. 6: sessions see QR_EUNAVAIL; the operator sees this. */
+    if (l->state == STORE_LINK_READY && !l->is_sentinel)
+        store_link_log(l, LOG_WARN, "store.redis_down");
     l->state = STORE_LINK_DOWN;
     l->retry_at_ms = store_now_ms(st) + l->backoff_ms;
     l->backoff_ms =
@@ -406,6 +428,8 @@ static void store_link_ready(struct store_link *l)
 {
     struct store *st = l->st;
 
+    if (l->backoff_ms > STORE_BACKOFF_MIN_MS && !l->is_sentinel)
+        store_link_log(l, LOG_INFO, "store.redis_up");
     l->state = STORE_LINK_READY;
     l->backoff_ms = STORE_BACKOFF_MIN_MS;
     if (l->is_sentinel) {
