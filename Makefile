@@ -37,7 +37,7 @@ FUZZ_BIN := $(patsubst tests/fuzz/%.c,$(BUILD)/tests/%,$(FUZZ_SRC))
 
 all: $(BUILD)/qresyncd
 ifeq ($(VARIANT),release)
-	@cp $(BUILD)/qresyncd ./qresyncd
+	@cp $(BUILD)/qresyncd ./qresyncd.tmp && mv -f ./qresyncd.tmp ./qresyncd
 	@echo "built ./qresyncd"
 endif
 

@@ -12,7 +12,6 @@
 #include "proxy/cap.h"
 #include "proxy/outq.h"
 
-#define TAG_MAX       64   /* longest client tag accepted */
 #define NAME_MAX_LEN  24   /* longest command name kept */
 #define PENDING_MAX   1024 /* stop reading the client beyond this many open commands */
 #define MIN_READ_ROOM 4096 /* start a new chunk below this much room */
@@ -82,6 +81,8 @@ struct sess {
     bool is_logged_in;
     bool saw_up_bye;
     bool saw_greeting;
+    bool knows_up_caps;
+    uint32_t up_caps; /* the upstream's capability bits (proxy/cap.h) */
 
     /* Pending commands, oldest first. */
     struct pending *head, *tail;
@@ -93,7 +94,7 @@ struct sess {
     bool cur_started;    /* first segment handled (forwarded or refused) */
     bool tag_ok;
     size_t tag_len;
-    char tag[TAG_MAX];
+    char *tag; /* the line's tag, owned; any length the line limit allows */
     char name[NAME_MAX_LEN];
     char *user_cand; /* LOGIN's user name, until the upstream accepts it */
     char *user;
@@ -131,7 +132,7 @@ static bool word_is(const char *p, size_t len, const char *w)
 /* RFC 3501 tag: 1*<any ASTRING-CHAR except "+">. */
 static bool tag_valid(const char *p, size_t len)
 {
-    if (len == 0 || len > TAG_MAX)
+    if (len == 0)
         return false;
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = (unsigned char)p[i];
@@ -279,9 +280,9 @@ static void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         sd->tag_end = sd->seg_off;
         s->tag_ok =
             (ev->kind == TOK_ATOM || ev->kind == TOK_NUMBER) && tag_valid(ev->data, ev->len);
+        free(s->tag);
+        s->tag = s->tag_ok ? xmemdup(ev->data, ev->len) : NULL;
         s->tag_len = s->tag_ok ? ev->len : 0;
-        if (s->tag_ok)
-            memcpy(s->tag, ev->data, ev->len);
         s->name[0] = '\0';
         break;
     case 1:
@@ -349,8 +350,11 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         cmd_refuse(s, "BAD Missing command", ended_in_literal);
         return;
     }
-    /* Withheld capabilities (proxy/cap.c): never negotiated upstream. */
-    if (strcmp(s->name, "STARTTLS") == 0 || strcmp(s->name, "COMPRESS") == 0) {
+    /* Withheld capabilities (proxy/cap.c) are never negotiated upstream.
+     * An upstream that does not offer them refuses them itself, in its own
+     * words; the proxy answers only where the upstream would accept. */
+    if ((strcmp(s->name, "STARTTLS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_STARTTLS))) ||
+        (strcmp(s->name, "COMPRESS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_COMPRESS)))) {
         cmd_refuse(s, "BAD Command not supported", ended_in_literal);
         return;
     }
@@ -569,9 +573,11 @@ static void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size
         struct buf tmp = {0};
         uint32_t bits;
         int rc = cap_rewrite_line(b, len, &tmp, len + 64, &bits);
-        if (rc == 0)
+        if (rc == 0) {
+            s->up_caps = bits;
+            s->knows_up_caps = true;
             rsp_emit_head(s, NULL, tmp.p, tmp.len);
-        else if (rc == QR_EINVAL)
+        } else if (rc == QR_EINVAL)
             rsp_emit_head(s, c, b, len);
         else
             sess_fail(s, rc, "capability rewrite");
@@ -885,6 +891,7 @@ static void on_handle_closed(uv_handle_t *h)
     pending_free_all(s);
     free(s->user_cand);
     free(s->user);
+    free(s->tag);
     free(s);
 }
 
