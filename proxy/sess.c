@@ -308,18 +308,25 @@ static void cmd_on_event(struct sess *s, const struct tok_ev *ev)
     }
 }
 
-/* Refuse the client line whose first segment is b: answer it locally and
- * drop the rest of the line. */
-static void cmd_refuse(struct sess *s, const char *text, bool ended_in_literal)
+/* Answer the current client line here, under its tag (untagged when it
+ * has none), once every earlier command has completed. */
+static void cmd_answer(struct sess *s, const char *text)
 {
-    struct side *sd = &s->cli;
-
     if (s->tag_ok)
         pending_local(s, s->tag, s->tag_len, text);
     else
         pending_local(s, "*", 1, text);
     pending_retire(s);
     s->cur_started = true;
+}
+
+/* Refuse the client line whose first segment is b: answer it locally and
+ * drop the rest of the line. */
+static void cmd_refuse(struct sess *s, const char *text, bool ended_in_literal)
+{
+    struct side *sd = &s->cli;
+
+    cmd_answer(s, text);
     if (ended_in_literal && sd->last_lit_sync) {
         /* The client waits for a `+` it will never get: the line ends here. */
         tok_reset(&sd->tok);
@@ -423,12 +430,7 @@ static void cmd_tok_error(struct sess *s, int err)
                                                    : "BAD Invalid command syntax";
         if (sd->ntok == 0)
             s->tag_ok = false;
-        if (s->tag_ok)
-            pending_local(s, s->tag, s->tag_len, text);
-        else
-            pending_local(s, "*", 1, text);
-        pending_retire(s);
-        s->cur_started = true;
+        cmd_answer(s, text);
     }
     sd->is_discarding = true;
     tok_recover(&sd->tok);
