@@ -2,7 +2,7 @@
  *
  *   imapbench noop  HOST PORT[,PORT...] USER PASS N [WARMUP]
  *   imapbench fetch HOST PORT USER PASS MAILBOX [EXPECT_MSGS [EXPECT_BYTES]]
- *   imapbench idle  HOST PORT USER PASS N HOLD_SECONDS [RSS_PID]
+ *   imapbench idle  HOST PORT USER PASS N HOLD_SECONDS [RSS_PID [MAILBOX [SET]]]
  *
  * noop:  LOGIN, WARMUP (default 200) untimed NOOPs, then N NOOP round trips,
  *        each timed alone (write of the command to the tagged OK). With
@@ -11,13 +11,16 @@
  * fetch: LOGIN, EXAMINE MAILBOX, then one timed `UID FETCH 1:* BODY.PEEK[]`.
  *        Every response is parsed; every literal is read, counted and hashed,
  *        so two runs can be compared byte for byte (direct vs proxy).
- * idle:  N connections at once (a window of WINDOW in flight), each LOGINs;
- *        then HOLD_SECONDS of idling, a check that none was dropped, LOGOUT.
- *        With RSS_PID, VmRSS of that process is read before the first
- *        connect and at the end of the hold.
+ * idle:  N connections at once (IDLE_WINDOW in flight), each LOGINs; with
+ *        MAILBOX each then also EXAMINEs it and fetches `FETCH SET
+ *        BODY.PEEK[]` (SET default 1), as a client does before it idles.
+ *        Then HOLD_SECONDS of idling, a check that none was dropped, LOGOUT.
+ *        With RSS_PID (0: none), VmRSS of that process is read before the
+ *        first connect and at the end of the hold.
  *
- * Output: one line (noop: one per port) of key=value figures on stdout (parsed by run.sh), errors
- * on stderr and exit status 1 on any protocol or I/O failure (a benchmark
+ * Output: one line (noop: one per port) of key=value figures on stdout,
+ * parsed by run.sh (fetch also gives the client's own CPU time); errors on
+ * stderr and exit status 1 on any protocol or I/O failure (a benchmark
  * prints figures; it fails only when something breaks). Plain C11 + POSIX;
  * blocking sockets with a receive timeout, poll() for the idle mode. */
 #include <errno.h>
@@ -242,6 +245,7 @@ struct resp_stats {
     uint64_t n_body_literals; /* literals that follow BODY[] */
     uint64_t literal_bytes;
     struct hash h;
+    char odd[200]; /* the first FETCH response without a BODY[] literal */
 };
 
 static void conn_fill(struct conn *c)
@@ -381,7 +385,7 @@ static void conn_cmd(struct conn *c, const char *cmd, struct resp_stats *st, boo
         const char *p;
         size_t len;
         uint64_t lit;
-        bool is_first = true;
+        bool is_first = true, is_fetch = false, saw_lit = false;
         for (;;) {
             conn_line(c, &p, &len);
             if (is_first) {
@@ -392,12 +396,18 @@ static void conn_cmd(struct conn *c, const char *cmd, struct resp_stats *st, boo
                 }
                 if (has_prefix(p, len, "* BYE"))
                     die("%s: server said %.*s", cmd, (int)len, p);
-                if (has_prefix(p, len, "* ") && frag_contains(p, len > 40 ? 40 : len, " FETCH "))
+                if (has_prefix(p, len, "* ") && frag_contains(p, len > 40 ? 40 : len, " FETCH ")) {
                     st->n_fetch++;
+                    is_fetch = true;
+                }
                 is_first = false;
             }
-            if (!frag_literal(p, len, &lit))
+            if (!frag_literal(p, len, &lit)) {
+                if (is_fetch && !saw_lit && st->odd[0] == '\0')
+                    snprintf(st->odd, sizeof(st->odd), "%.*s", (int)len, p);
                 break;
+            }
+            saw_lit = true;
             st->n_literals++;
             if (len >= 10 &&
                 frag_contains(p + len - (len > 32 ? 32 : len), len > 32 ? 32 : len, "BODY[]"))
@@ -444,6 +454,16 @@ static void conn_logout(struct conn *c)
             break;
     }
     conn_close(c);
+}
+
+/* CPU time (user + system) this process has used. */
+static uint64_t cpu_ns(void)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    return ((uint64_t)ru.ru_utime.tv_sec + (uint64_t)ru.ru_stime.tv_sec) * 1000000000u +
+           ((uint64_t)ru.ru_utime.tv_usec + (uint64_t)ru.ru_stime.tv_usec) * 1000u;
 }
 
 /* ---------------------------------------------------------------- noop ---- */
@@ -553,36 +573,48 @@ static int mode_fetch(char **argv, int argc)
     memset(&st, 0, sizeof(st));
     hash_init(&st.h);
     uint64_t wire0 = c.wire_bytes - (c.len - c.pos);
-    uint64_t t0 = now_ns();
+    uint64_t cpu0 = cpu_ns(), t0 = now_ns();
     conn_cmd(&c, "UID FETCH 1:* BODY.PEEK[]", &st, true);
-    uint64_t dt = now_ns() - t0;
+    uint64_t dt = now_ns() - t0, cpu = cpu_ns() - cpu0;
     uint64_t wire = c.wire_bytes - (c.len - c.pos) - wire0;
     conn_logout(&c);
 
     if (st.n_body_literals != st.n_fetch || st.n_literals != st.n_fetch)
-        die("%" PRIu64 " FETCH responses but %" PRIu64 " literals (%" PRIu64 " BODY[])", st.n_fetch,
-            st.n_literals, st.n_body_literals);
+        die("%" PRIu64 " FETCH responses but %" PRIu64 " literals (%" PRIu64
+            " BODY[]); first without: %s",
+            st.n_fetch, st.n_literals, st.n_body_literals, st.odd);
     if (want_msgs >= 0 && st.n_fetch != (uint64_t)want_msgs)
         die("%" PRIu64 " messages fetched, expected %ld", st.n_fetch, want_msgs);
     if (want_bytes >= 0 && st.literal_bytes != (uint64_t)want_bytes)
         die("%" PRIu64 " literal bytes, expected %lld", st.literal_bytes, want_bytes);
     double secs = (double)dt / 1e9;
     printf("fetch msgs=%" PRIu64 " literal_bytes=%" PRIu64 " wire_bytes=%" PRIu64
-           " seconds=%.4f mb_s=%.1f hash=%016" PRIx64 "\n",
+           " seconds=%.4f mb_s=%.1f client_cpu_s=%.4f hash=%016" PRIx64 "\n",
            st.n_fetch, st.literal_bytes, wire, secs, (double)st.literal_bytes / 1e6 / secs,
-           hash_final(&st.h));
+           (double)cpu / 1e9, hash_final(&st.h));
     return 0;
 }
 
 /* ---------------------------------------------------------------- idle ---- */
 
-enum idle_state { I_NEW, I_CONNECTING, I_GREETING, I_LOGIN, I_READY, I_DEAD };
+enum idle_state { I_NEW, I_CONNECTING, I_GREETING, I_LOGIN, I_WORK, I_READY, I_DEAD };
 
 struct iconn {
     int fd;
     enum idle_state state;
     size_t len;
+    uint64_t lit_left; /* literal bytes still to skip */
     char buf[IDLE_BUF];
+};
+
+/* What every idle session sends: LOGIN, then optionally some work (tags
+ * "s" and "w"; "w" is the last) before it idles. */
+struct idle_script {
+    const char *login;
+    size_t login_len;
+    const char *work; /* NULL: none */
+    size_t work_len;
+    uint64_t work_bytes; /* literal bytes received by the work, all sessions */
 };
 
 static long read_rss_kib(long pid)
@@ -603,9 +635,55 @@ static long read_rss_kib(long pid)
     return kib;
 }
 
-/* Reads what is there; handles complete lines for the connection's state.
- * Returns false when the connection broke. */
-static bool iconn_input(struct iconn *ic, const char *login_cmd, size_t login_len, long idx)
+static bool iconn_send(struct iconn *ic, const char *p, size_t n, long idx)
+{
+    /* A fresh socket takes a few hundred bytes at once. */
+    if (write(ic->fd, p, n) != (ssize_t)n) {
+        fprintf(stderr, "imapbench idle: connection %ld: short write\n", idx);
+        return false;
+    }
+    return true;
+}
+
+/* Handles one complete line (n bytes with its LF) for the session's state. */
+static bool iconn_line(struct iconn *ic, const char *p, size_t n, struct idle_script *sc, long idx)
+{
+    switch (ic->state) {
+    case I_GREETING:
+        if (!has_prefix(p, n, "* OK"))
+            break;
+        ic->state = I_LOGIN;
+        return iconn_send(ic, sc->login, sc->login_len, idx);
+    case I_LOGIN:
+        if (!has_prefix(p, n, "l "))
+            return true;
+        if (!has_prefix(p, n, "l OK"))
+            break;
+        if (sc->work == NULL) {
+            ic->state = I_READY;
+            return true;
+        }
+        ic->state = I_WORK;
+        return iconn_send(ic, sc->work, sc->work_len, idx);
+    case I_WORK:
+        if (has_prefix(p, n, "* BYE") || has_prefix(p, n, "s NO") || has_prefix(p, n, "s BAD") ||
+            (has_prefix(p, n, "w ") && !has_prefix(p, n, "w OK")))
+            break;
+        if (has_prefix(p, n, "w OK"))
+            ic->state = I_READY;
+        return true;
+    default:
+        if (has_prefix(p, n, "* BYE"))
+            break;
+        return true;
+    }
+    fprintf(stderr, "imapbench idle: connection %ld: %.*s", idx, (int)n, p);
+    return false;
+}
+
+/* Reads what is there; handles complete lines, skips literals. Returns
+ * false when the connection broke. */
+static bool iconn_input(struct iconn *ic, struct idle_script *sc, long idx)
 {
     ssize_t r = read(ic->fd, ic->buf + ic->len, sizeof(ic->buf) - ic->len);
 
@@ -617,40 +695,36 @@ static bool iconn_input(struct iconn *ic, const char *login_cmd, size_t login_le
     if (r < 0)
         return true;
     ic->len += (size_t)r;
+    size_t pos = 0;
     for (;;) {
-        char *lf = memchr(ic->buf, '\n', ic->len);
+        if (ic->lit_left > 0) {
+            size_t k = ic->len - pos < ic->lit_left ? ic->len - pos : (size_t)ic->lit_left;
+            pos += k;
+            ic->lit_left -= k;
+            sc->work_bytes += k;
+            if (ic->lit_left > 0)
+                break;
+        }
+        char *lf = memchr(ic->buf + pos, '\n', ic->len - pos);
         if (lf == NULL) {
-            if (ic->len == sizeof(ic->buf)) {
+            if (pos == 0 && ic->len == sizeof(ic->buf)) {
                 fprintf(stderr, "imapbench idle: connection %ld: line too long\n", idx);
                 return false;
             }
-            return true;
+            break;
         }
-        size_t n = (size_t)(lf - ic->buf) + 1;
-        if (ic->state == I_GREETING) {
-            if (!has_prefix(ic->buf, n, "* OK")) {
-                fprintf(stderr, "imapbench idle: connection %ld: greeting %.*s", idx, (int)n,
-                        ic->buf);
-                return false;
-            }
-            if (write(ic->fd, login_cmd, login_len) != (ssize_t)login_len) {
-                fprintf(stderr, "imapbench idle: connection %ld: short LOGIN write\n", idx);
-                return false;
-            }
-            ic->state = I_LOGIN;
-        } else if (ic->state == I_LOGIN && has_prefix(ic->buf, n, "l ")) {
-            if (!has_prefix(ic->buf, n, "l OK")) {
-                fprintf(stderr, "imapbench idle: connection %ld: %.*s", idx, (int)n, ic->buf);
-                return false;
-            }
-            ic->state = I_READY;
-        } else if (ic->state == I_READY && has_prefix(ic->buf, n, "* BYE")) {
-            fprintf(stderr, "imapbench idle: connection %ld: %.*s", idx, (int)n, ic->buf);
+        size_t n = (size_t)(lf - (ic->buf + pos)) + 1;
+        size_t body = n - 1 - (n >= 2 && ic->buf[pos + n - 2] == '\r');
+        uint64_t lit;
+        if (!iconn_line(ic, ic->buf + pos, n, sc, idx))
             return false;
-        }
-        memmove(ic->buf, ic->buf + n, ic->len - n);
-        ic->len -= n;
+        if (frag_literal(ic->buf + pos, body, &lit))
+            ic->lit_left = lit;
+        pos += n;
     }
+    memmove(ic->buf, ic->buf + pos, ic->len - pos);
+    ic->len -= pos;
+    return true;
 }
 
 static int mode_idle(char **argv, int argc)
@@ -658,14 +732,24 @@ static int mode_idle(char **argv, int argc)
     const char *host = argv[1], *port = argv[2];
     long n = parse_long(argv[5], "N", 1);
     long hold = parse_long(argv[6], "HOLD_SECONDS", 0);
-    long pid = argc > 7 ? parse_long(argv[7], "RSS_PID", 1) : 0;
-    char qu[256], qp[256], login[600];
+    long pid = argc > 7 ? parse_long(argv[7], "RSS_PID", 0) : 0;
+    char qu[256], qp[256], login[600], qm[512], work[800];
+    struct idle_script sc;
     long rss0 = pid ? read_rss_kib(pid) : -1;
 
     raise_nofile();
+    memset(&sc, 0, sizeof(sc));
     imap_quote(qu, sizeof(qu), argv[3]);
     imap_quote(qp, sizeof(qp), argv[4]);
-    int login_len = snprintf(login, sizeof(login), "l LOGIN %s %s\r\n", qu, qp);
+    sc.login_len = (size_t)snprintf(login, sizeof(login), "l LOGIN %s %s\r\n", qu, qp);
+    sc.login = login;
+    if (argc > 8) {
+        imap_quote(qm, sizeof(qm), argv[8]);
+        sc.work_len =
+            (size_t)snprintf(work, sizeof(work), "s EXAMINE %s\r\nw FETCH %s BODY.PEEK[]\r\n", qm,
+                             argc > 9 ? argv[9] : "1");
+        sc.work = work;
+    }
     struct iconn *ic = calloc((size_t)n, sizeof(*ic));
     struct pollfd *pf = calloc((size_t)n, sizeof(*pf));
     long *pidx = calloc((size_t)n, sizeof(*pidx));
@@ -709,7 +793,7 @@ static int mode_idle(char **argv, int argc)
                 c->state = I_GREETING;
                 continue;
             }
-            if (!iconn_input(c, login, (size_t)login_len, pidx[k]))
+            if (!iconn_input(c, &sc, pidx[k]))
                 die("connection %ld broke while logging in (%ld ready)", pidx[k], n_ready);
             if (c->state == I_READY) {
                 n_ready++;
@@ -734,7 +818,7 @@ static int mode_idle(char **argv, int argc)
         if (rc < 0 && errno != EINTR)
             die("poll: %s", strerror(errno));
         for (long i = 0; rc > 0 && i < n; i++)
-            if (pf[i].revents != 0 && !iconn_input(&ic[i], login, (size_t)login_len, i))
+            if (pf[i].revents != 0 && !iconn_input(&ic[i], &sc, i))
                 die("session %ld dropped while idle", i);
     }
     long rss1 = pid ? read_rss_kib(pid) : -1;
@@ -774,9 +858,10 @@ static int mode_idle(char **argv, int argc)
     if (n_open > 0)
         die("%ld sessions did not end after LOGOUT", n_open);
 
-    printf("idle sessions=%ld login_s=%.2f hold_s=%ld rss_before_kib=%ld rss_after_kib=%ld "
-           "per_session_kib=%.2f\n",
-           n, login_s, hold, rss0, rss1, pid ? (double)(rss1 - rss0) / (double)n : -1.0);
+    printf("idle sessions=%ld login_s=%.2f work_bytes=%" PRIu64 " hold_s=%ld rss_before_kib=%ld "
+           "rss_after_kib=%ld per_session_kib=%.2f\n",
+           n, login_s, sc.work_bytes, hold, rss0, rss1,
+           pid ? (double)(rss1 - rss0) / (double)n : -1.0);
     free(ic);
     free(pf);
     free(pidx);
@@ -788,7 +873,7 @@ int main(int argc, char **argv)
     static const char usage[] =
         "usage: imapbench noop  HOST PORT[,PORT...] USER PASS N [WARMUP]\n"
         "       imapbench fetch HOST PORT USER PASS MAILBOX [EXPECT_MSGS [EXPECT_BYTES]]\n"
-        "       imapbench idle  HOST PORT USER PASS N HOLD_SECONDS [RSS_PID]\n";
+        "       imapbench idle  HOST PORT USER PASS N HOLD_SECONDS [RSS_PID [MAILBOX [SET]]]\n";
 
     if (argc < 2) {
         fputs(usage, stderr);
@@ -800,7 +885,7 @@ int main(int argc, char **argv)
         return mode_noop(argv + 1, argc - 1);
     if (strcmp(argv[1], "fetch") == 0 && argc >= 7 && argc <= 9)
         return mode_fetch(argv + 1, argc - 1);
-    if (strcmp(argv[1], "idle") == 0 && argc >= 8 && argc <= 9)
+    if (strcmp(argv[1], "idle") == 0 && argc >= 8 && argc <= 11)
         return mode_idle(argv + 1, argc - 1);
     fputs(usage, stderr);
     return 2;
