@@ -73,15 +73,31 @@ chmod 755 "$work"
 mkdir "$work/debs" "$work/root"
 chmod 777 "$work/debs" # lets apt's sandbox user write there (no warning)
 
-pkgver=()
-while IFS= read -r line; do pkgver+=("$line"); done <<<"$versions"
-(cd "$work/debs" && apt-get download -q "${pkgver[@]}") || {
+# Library packages the Courier packages depend on that this machine lacks
+# (on a Debian 12 with dovecot-imapd there are none beyond PKGS; a slimmer
+# base may miss e.g. libgdbm6 or libpcre3). One level deep; the ldd check
+# below names anything still missing.
+extra_libs() {
+    apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+        --no-replaces --no-enhances "${PKGS[@]}" 2>/dev/null |
+        awk '$1 ~ /Depends:$/ && $2 ~ /^lib/ {print $2}' | sort -u |
+        while read -r p; do
+            case " ${PKGS[*]} " in *" $p "*) continue ;; esac
+            dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"
+        done
+}
+
+download() {
+    local pkgver=() line
+    while IFS= read -r line; do pkgver+=("$line"); done <<<"$versions"
+    # shellcheck disable=SC2046
+    (cd "$work/debs" && apt-get download -q "${pkgver[@]}" $(extra_libs))
+}
+download || {
     # Lists may be stale (a version that is gone from the mirror).
     apt-get update -q
     versions=$(want_versions)
-    pkgver=()
-    while IFS= read -r line; do pkgver+=("$line"); done <<<"$versions"
-    (cd "$work/debs" && apt-get download -q "${pkgver[@]}")
+    download
 }
 
 for deb in "$work"/debs/*.deb; do
@@ -98,10 +114,11 @@ done
 # Check that every binary finds its libraries when the tree is overlaid on /usr.
 missing=$(unshare --mount --propagation private -- sh -c '
     mount -t overlay qr-courier-usr -o "lowerdir=$1/usr:/usr" /usr || exit 3
-    for b in /usr/sbin/couriertcpd /usr/lib/courier/courier-authlib/authdaemond \
-        /usr/lib/courier/courier/imaplogin /usr/bin/imapd /usr/libexec/gam_server \
-        /usr/lib/courier-authlib/libauthuserdb.so.0; do
-        ldd "$b" | grep "not found" | sed "s|^|$b: |"
+    cd "$1"
+    for f in usr/sbin/* usr/bin/* usr/lib/courier/courier-authlib/* \
+        usr/lib/courier/courier/* usr/libexec/* usr/lib/courier-authlib/*.so.0; do
+        [ -f "$f" ] && head -c 4 "$f" | grep -q ELF || continue
+        ldd "/$f" | grep "not found" | sed "s|^|/$f: |"
     done' sh "$work/root") || {
     echo "fetch-courier: cannot mount an overlay in a private mount namespace" >&2
     exit 1
