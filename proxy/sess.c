@@ -82,7 +82,8 @@ struct sess {
     bool saw_up_bye;
     bool saw_greeting;
     bool knows_up_caps;
-    uint32_t up_caps; /* the upstream's capability bits (proxy/cap.h) */
+    enum cmd_kind last_kind; /* of the last command sent upstream */
+    uint32_t up_caps;        /* the upstream's capability bits (proxy/cap.h) */
 
     /* Pending commands, oldest first. */
     struct pending *head, *tail;
@@ -129,14 +130,18 @@ static bool word_is(const char *p, size_t len, const char *w)
     return strlen(w) == len && strncasecmp(p, w, len) == 0;
 }
 
-/* RFC 3501 tag: 1*<any ASTRING-CHAR except "+">. */
-static bool tag_valid(const char *p, size_t len)
+/* Tags the proxy maps: 1*ATOM-CHAR without "+" (RFC 3501 allows "]" too,
+ * but upstreams disagree on it: Dovecot refuses it, Courier cuts the tag
+ * there). Lines with any other tag go upstream as they are, so the
+ * upstream answers them in its own way; such a tag can never look like
+ * the proxy's own "Q<n>". */
+static bool tag_mappable(const char *p, size_t len)
 {
     if (len == 0)
         return false;
     for (size_t i = 0; i < len; i++) {
         unsigned char ch = (unsigned char)p[i];
-        if (ch <= 0x20 || ch >= 0x7f || strchr("(){%*\"\\+", ch) != NULL)
+        if (ch <= 0x20 || ch >= 0x7f || strchr("(){%*\"\\+]", ch) != NULL)
             return false;
     }
     return true;
@@ -279,7 +284,7 @@ static void cmd_on_event(struct sess *s, const struct tok_ev *ev)
     case 0:
         sd->tag_end = sd->seg_off;
         s->tag_ok =
-            (ev->kind == TOK_ATOM || ev->kind == TOK_NUMBER) && tag_valid(ev->data, ev->len);
+            (ev->kind == TOK_ATOM || ev->kind == TOK_NUMBER) && tag_mappable(ev->data, ev->len);
         free(s->tag);
         s->tag = s->tag_ok ? xmemdup(ev->data, ev->len) : NULL;
         s->tag_len = s->tag_ok ? ev->len : 0;
@@ -349,12 +354,10 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         emit_or_fail(&s->up, c, b, len);
         return;
     }
+    s->last_kind = cmd_kind_of(s->name);
     if (!s->tag_ok) {
-        cmd_refuse(s, "BAD Missing or invalid tag", ended_in_literal);
-        return;
-    }
-    if (s->name[0] == '\0') {
-        cmd_refuse(s, "BAD Missing command", ended_in_literal);
+        s->cur_started = true;
+        emit_or_fail(&s->up, c, b, len);
         return;
     }
     /* Withheld capabilities (proxy/cap.c) are never negotiated upstream.
@@ -528,8 +531,8 @@ static void rsp_line_done(struct sess *s)
     if (s->rl_kind == RL_UNTAGGED && strcasecmp(s->rl_status, "BYE") == 0)
         s->saw_up_bye = true;
 
-    if (s->rl_kind == RL_CONT && tok_literal_left(&s->cli.tok) == 0 && s->tail != NULL &&
-        !s->tail->is_done && (s->tail->kind == CMD_AUTHENTICATE || s->tail->kind == CMD_IDLE)) {
+    if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) &&
+        (s->last_kind == CMD_AUTHENTICATE || s->last_kind == CMD_IDLE)) {
         /* The client's next line answers this continuation (RFC 3501
          * §6.2.2 SASL data, RFC 2177 DONE): relay it raw. */
         s->raw_lines = 1;

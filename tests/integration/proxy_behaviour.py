@@ -260,7 +260,9 @@ def line_over_max_line_gets_bad_and_session_goes_on():
 
 
 @test
-def invalid_tag_gets_untagged_bad():
+def unmappable_tags_go_upstream_as_they_are():
+    """A tag the proxy does not map reaches the upstream unchanged, which
+    answers it in its own way (Dovecot: an untagged BAD)."""
     p = Proxy()
     try:
         c = Client(p.port)
