@@ -15,9 +15,9 @@
 # the caller set QR_TMP itself). A caller with its own cleanup adds it to
 # QR_CLEANUP_HOOKS (function names, run first).
 #
-# Mail: both IMAP servers serve one user, $QR_USER / $QR_PASS (tester/secret),
-# whose mail processes run as the system user `mail` (uid 8, gid 8: exists on
-# every Debian, no account is created). Its Maildir starts as a copy of
+# Mail: both IMAP servers serve one user, $QR_USER / $QR_PASS (tester /
+# qr-Secret-7f3a9, exported), whose mail processes run as the system user
+# `mail` (uid 8, gid 8: exists on every Debian, no account is created). Its Maildir starts as a copy of
 # $QR_SEED_MAILDIR when that is set (see seed.py), empty otherwise.
 #
 # Dovecot runs from its own config file in its temp dir (never /etc/dovecot):
@@ -34,7 +34,9 @@
 QR_IT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 QR_COURIER_ROOT=${QR_COURIER_ROOT:-/opt/qresyncd-test/courier}
 QR_USER=${QR_USER:-tester}
-QR_PASS=${QR_PASS:-secret}
+# Distinctive, so a test can grep logs for it without false hits.
+QR_PASS=${QR_PASS:-qr-Secret-7f3a9}
+export QR_USER QR_PASS
 QR_MAIL_UID=$(id -u mail)
 QR_MAIL_GID=$(id -g mail)
 

@@ -53,7 +53,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 USER = os.environ.get("QR_USER", "tester")
-PASS = os.environ.get("QR_PASS", "secret")
+PASS = os.environ.get("QR_PASS", "qr-Secret-7f3a9")
 
 STEP_TIMEOUT = 10.0   # default bound of one wait
 EOF_TIMEOUT = 3.0     # after LOGOUT, the server (or proxy) must close
