@@ -1290,11 +1290,11 @@ def diff_entry(i, ea, eb, label_a, label_b):
     lo = max(0, k - 2)
     out = ["first difference in entry #%d: %s %s (%s) vs %s %s (%s), line %d:" % (
         i, ea[0], ea[1], ea[3], eb[0], eb[1], eb[3], k + 1)]
-    for s in la[lo:k + 6]:
-        out.append("  %s %s" % ("-" if la.index(s) >= k else " ", s))
+    for j in range(lo, min(len(la), k + 6)):
+        out.append("  %s %s" % ("-" if j >= k else " ", la[j]))
     out.append("  (%s above, %s below)" % (label_a, label_b))
-    for s in lb[lo:k + 6]:
-        out.append("  %s %s" % ("+" if lb.index(s) >= k else " ", s))
+    for j in range(lo, min(len(lb), k + 6)):
+        out.append("  %s %s" % ("+" if j >= k else " ", lb[j]))
     return "\n".join(out)
 
 
@@ -1659,6 +1659,12 @@ def main():
     for (sname, mode), caps in sorted(caps_seen.items()):
         for k, v in sorted(caps.items()):
             rep.info("%s %s capabilities seen (%s): %s" % (sname, mode, k, " ".join(sorted(v))))
+    for srv in servers:
+        d = caps_seen.get((srv.name, "direct"), {})
+        p = caps_seen.get((srv.name, "proxy"), {})
+        for k in sorted(set(d) & set(p)):
+            rep.info("%s capabilities (%s) through the proxy: added [%s], removed [%s]" % (
+                srv.name, k, " ".join(sorted(p[k] - d[k])), " ".join(sorted(d[k] - p[k]))))
 
     # Tests of the binary that need no upstream.
     if not args.self_check and not (only and not only.search("binary/")):
