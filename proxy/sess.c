@@ -4,150 +4,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "common/err.h"
 #include "common/log.h"
 #include "common/xalloc.h"
-#include "proxy/cap.h"
+#include "proxy/cmd.h"
 #include "proxy/outq.h"
+#include "proxy/rsp.h"
+#include "proxy/sess_types.h"
 
-#define NAME_MAX_LEN  24   /* longest command name kept */
-#define PENDING_MAX   1024 /* stop reading the client beyond this many open commands */
 #define MIN_READ_ROOM 4096 /* start a new chunk below this much room */
 #define DRAIN_TIMEOUT 5000 /* ms to flush a BYE before closing anyway */
 #define UP_LINE_KEEP  4096 /* line buffer kept between lines */
 #define POOL_MAX_FREE 64
 
-enum cmd_kind {
-    CMD_OTHER = 0,
-    CMD_LOGIN,
-    CMD_AUTHENTICATE,
-    CMD_IDLE,
-    CMD_LOGOUT,
-    CMD_LOCAL, /* answered by the proxy */
-};
-
-/* A command sent upstream, or a local answer waiting for its turn. */
-struct pending {
-    struct pending *next;
-    uint64_t up_tag; /* 0 for local answers */
-    enum cmd_kind kind;
-    bool is_done;
-    char *local; /* local answer: whole line(s) to send, or NULL */
-    size_t local_len;
-    size_t tag_len;
-    char tag[]; /* the client's tag */
-};
-
-enum rl_kind { RL_NONE, RL_UNTAGGED, RL_CONT, RL_TAGGED };
-
-/* One direction of the session: a peer socket, what is read from it, and
- * the queue of bytes written to it. */
-struct side {
-    struct sess *s;
-    uv_tcp_t tcp;
-    struct tok tok;
-    struct buf line;          /* a segment that spans reads */
-    struct buf_chunk *rchunk; /* where reads land; one reference */
-    struct outq out;          /* bytes going to this peer */
-    size_t seg_off;           /* bytes of the current segment consumed */
-    unsigned ntok;            /* tokens seen on the current line */
-    size_t tag_end;           /* segment offset after the first token */
-    bool is_reading;
-    bool is_paused; /* by backpressure */
-    bool line_in_buf;
-    bool is_streaming;  /* upstream: line decided, emitted as consumed */
-    bool is_discarding; /* client: refused line being dropped to its end */
-    bool last_lit_sync;
-};
-
-struct sess {
-    struct sess_ctx *ctx;
-    struct sess *prev, *next;
-    uint64_t id;
-    struct side cli;
-    struct side up;
-    uv_timer_t timer;
-    uv_connect_t conn_req;
-    unsigned n_handles;
-    uint64_t last_active; /* uv_now() of the last client input */
-    uint64_t t_open;
-    const char *close_reason;
-
-    bool is_closing;
-    bool is_draining;
-    bool is_up_connected;
-    bool is_logged_in;
-    bool saw_up_bye;
-    bool saw_greeting;
-    bool knows_up_caps;
-    enum cmd_kind last_kind; /* of the last command sent upstream */
-    uint32_t up_caps;        /* the upstream's capability bits (proxy/cap.h) */
-
-    /* Pending commands, oldest first. */
-    struct pending *head, *tail;
-    unsigned n_pending;
-    uint64_t next_tag;
-
-    /* The client command line being read. */
-    struct pending *cur; /* its pending entry once its first segment went up */
-    bool cur_started;    /* first segment handled (forwarded or refused) */
-    bool tag_ok;
-    size_t tag_len;
-    char *tag; /* the line's tag, owned; any length the line limit allows */
-    char name[NAME_MAX_LEN];
-    char *user_cand; /* LOGIN's user name, until the upstream accepts it */
-    char *user;
-    unsigned raw_lines; /* client lines to relay raw (SASL data, DONE) */
-    bool in_raw_line;
-
-    /* The upstream line being read. */
-    enum rl_kind rl_kind;
-    struct pending *rl_cmd;
-    bool rl_cap;
-    bool rl_code;
-    bool rl_tag_sent;
-    char rl_status[8];
-
-    char peer[64];
-};
-
-static void sess_close(struct sess *s, const char *reason);
-static void sess_drain(struct sess *s, const char *reason);
-static void sess_logged_in(struct sess *s);
 static void side_update_reading(struct side *sd);
 
-/* ---------------------------------------------------------------- helpers */
-
-static struct side *side_other(struct side *sd)
-{
-    return sd == &sd->s->cli ? &sd->s->up : &sd->s->cli;
-}
-
-static bool word_is(const char *p, size_t len, const char *w)
-{
-    return strlen(w) == len && strncasecmp(p, w, len) == 0;
-}
-
-/* Tags the proxy maps: 1*ATOM-CHAR without "+" (RFC 3501 allows "]" too,
- * but upstreams disagree on it: Dovecot refuses it, Courier cuts the tag
- * there). Lines with any other tag go upstream as they are, so the
- * upstream answers them in its own way; such a tag can never look like
- * the proxy's own "Q<n>". */
-static bool tag_mappable(const char *p, size_t len)
-{
-    if (len == 0)
-        return false;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char)p[i];
-        if (ch <= 0x20 || ch >= 0x7f || strchr("(){%*\"\\+]", ch) != NULL)
-            return false;
-    }
-    return true;
-}
-
-static void sess_fail(struct sess *s, int err, const char *what)
+void sess_fail(struct sess *s, int err, const char *what)
 {
     struct log_line l;
     log_begin(&l, LOG_WARN, "session.error");
@@ -160,7 +33,7 @@ static void sess_fail(struct sess *s, int err, const char *what)
 
 /* Queue bytes towards a peer: as a slice of chunk c when the bytes lie in
  * it, as a copy otherwise. */
-static int emit(struct side *to, struct buf_chunk *c, const char *p, size_t len)
+int sess_emit(struct side *to, struct buf_chunk *c, const char *p, size_t len)
 {
     if (len == 0)
         return 0;
@@ -169,430 +42,11 @@ static int emit(struct side *to, struct buf_chunk *c, const char *p, size_t len)
     return outq_copy(&to->out, p, len);
 }
 
-static void emit_or_fail(struct side *to, struct buf_chunk *c, const char *p, size_t len)
+void sess_send(struct side *to, struct buf_chunk *c, const char *p, size_t len)
 {
-    int rc = emit(to, c, p, len);
+    int rc = sess_emit(to, c, p, len);
     if (rc < 0)
         sess_fail(to->s, rc, "queue");
-}
-
-/* --------------------------------------------------------- pending FIFO */
-
-static struct pending *pending_add(struct sess *s, enum cmd_kind kind, const char *tag,
-                                   size_t tag_len)
-{
-    struct pending *p = xcalloc(1, sizeof(*p) + tag_len);
-    p->kind = kind;
-    p->tag_len = tag_len;
-    memcpy(p->tag, tag, tag_len);
-    if (s->tail != NULL)
-        s->tail->next = p;
-    else
-        s->head = p;
-    s->tail = p;
-    s->n_pending++;
-    return p;
-}
-
-static void pending_free(struct pending **pp)
-{
-    free((*pp)->local);
-    free(*pp);
-    *pp = NULL;
-}
-
-/* A local answer, sent when every earlier command has completed. */
-static void pending_local(struct sess *s, const char *tag, size_t tag_len, const char *text)
-{
-    struct pending *p = pending_add(s, CMD_LOCAL, tag, tag_len);
-    size_t tl = strlen(text);
-    p->local = xmalloc(tag_len + 1 + tl + 2);
-    memcpy(p->local, tag, tag_len);
-    p->local[tag_len] = ' ';
-    memcpy(p->local + tag_len + 1, text, tl);
-    memcpy(p->local + tag_len + 1 + tl, "\r\n", 2);
-    p->local_len = tag_len + 1 + tl + 2;
-    p->is_done = true;
-}
-
-static struct pending *pending_find(struct sess *s, uint64_t up_tag)
-{
-    for (struct pending *p = s->head; p != NULL; p = p->next) {
-        if (p->up_tag == up_tag && !p->is_done)
-            return p;
-    }
-    return NULL;
-}
-
-/* Retire completed commands from the head, sending local answers that
- * have become due. */
-static void pending_retire(struct sess *s)
-{
-    while (s->head != NULL && s->head->is_done && !s->is_closing) {
-        struct pending *p = s->head;
-        if (p->local != NULL)
-            emit_or_fail(&s->cli, NULL, p->local, p->local_len);
-        s->head = p->next;
-        if (s->head == NULL)
-            s->tail = NULL;
-        if (s->cur == p)
-            s->cur = NULL;
-        if (s->rl_cmd == p)
-            s->rl_cmd = NULL;
-        s->n_pending--;
-        pending_free(&p);
-    }
-}
-
-static void pending_free_all(struct sess *s)
-{
-    while (s->head != NULL) {
-        struct pending *p = s->head;
-        s->head = p->next;
-        pending_free(&p);
-    }
-    s->tail = NULL;
-    s->cur = NULL;
-    s->rl_cmd = NULL;
-    s->n_pending = 0;
-}
-
-/* ------------------------------------------------- client command stage */
-
-static enum cmd_kind cmd_kind_of(const char *name)
-{
-    if (strcmp(name, "LOGIN") == 0)
-        return CMD_LOGIN;
-    if (strcmp(name, "AUTHENTICATE") == 0)
-        return CMD_AUTHENTICATE;
-    if (strcmp(name, "IDLE") == 0)
-        return CMD_IDLE;
-    if (strcmp(name, "LOGOUT") == 0)
-        return CMD_LOGOUT;
-    return CMD_OTHER;
-}
-
-static void cmd_on_event(struct sess *s, const struct tok_ev *ev)
-{
-    struct side *sd = &s->cli;
-
-    if (ev->kind == TOK_EOL || ev->kind == TOK_LIT_DATA || ev->kind == TOK_LIT_END)
-        return;
-    if (ev->kind == TOK_LIT_START)
-        sd->last_lit_sync = ev->is_sync;
-    switch (sd->ntok++) {
-    case 0:
-        sd->tag_end = sd->seg_off;
-        s->tag_ok =
-            (ev->kind == TOK_ATOM || ev->kind == TOK_NUMBER) && tag_mappable(ev->data, ev->len);
-        free(s->tag);
-        s->tag = s->tag_ok ? xmemdup(ev->data, ev->len) : NULL;
-        s->tag_len = s->tag_ok ? ev->len : 0;
-        s->name[0] = '\0';
-        break;
-    case 1:
-        if (ev->kind == TOK_ATOM && ev->len < NAME_MAX_LEN) {
-            for (size_t i = 0; i < ev->len; i++) {
-                char ch = ev->data[i];
-                s->name[i] = (ch >= 'a' && ch <= 'z') ? (char)(ch - 32) : ch;
-            }
-            s->name[ev->len] = '\0';
-        }
-        break;
-    case 2:
-        /* The identity the upstream will accept: noted now, kept only after
-         * its tagged OK (DESIGN inv. 7). Never logged before that. */
-        if (strcmp(s->name, "LOGIN") == 0 &&
-            (ev->kind == TOK_ATOM || ev->kind == TOK_QUOTED || ev->kind == TOK_NUMBER)) {
-            free(s->user_cand);
-            s->user_cand = xmemdup(ev->data, ev->len);
-        }
-        break;
-    default:
-        break;
-    }
-}
-
-/* Answer the current client line here, under its tag (untagged when it
- * has none), once every earlier command has completed. */
-static void cmd_answer(struct sess *s, const char *text)
-{
-    if (s->tag_ok)
-        pending_local(s, s->tag, s->tag_len, text);
-    else
-        pending_local(s, "*", 1, text);
-    pending_retire(s);
-    s->cur_started = true;
-}
-
-/* Refuse the client line whose first segment is b: answer it locally and
- * drop the rest of the line. */
-static void cmd_refuse(struct sess *s, const char *text, bool ended_in_literal)
-{
-    struct side *sd = &s->cli;
-
-    cmd_answer(s, text);
-    if (ended_in_literal && sd->last_lit_sync) {
-        /* The client waits for a `+` it will never get: the line ends here. */
-        tok_reset(&sd->tok);
-        sd->ntok = 0;
-        s->cur_started = false;
-        return;
-    }
-    sd->is_discarding = true;
-}
-
-/* The first segment of a client command: give it the proxy's tag and send
- * it upstream, or answer it here. */
-static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
-                      bool ended_in_literal)
-{
-    struct side *sd = &s->cli;
-
-    if (sd->ntok == 0) {
-        /* An empty line: nothing to map; the upstream sees it as sent. */
-        emit_or_fail(&s->up, c, b, len);
-        return;
-    }
-    s->last_kind = cmd_kind_of(s->name);
-    if (!s->tag_ok) {
-        s->cur_started = true;
-        emit_or_fail(&s->up, c, b, len);
-        return;
-    }
-    /* Withheld capabilities (proxy/cap.c) are never negotiated upstream.
-     * An upstream that does not offer them refuses them itself, in its own
-     * words; the proxy answers only where the upstream would accept. */
-    if ((strcmp(s->name, "STARTTLS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_STARTTLS))) ||
-        (strcmp(s->name, "COMPRESS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_COMPRESS)))) {
-        cmd_refuse(s, "BAD Command not supported", ended_in_literal);
-        return;
-    }
-
-    enum cmd_kind kind = cmd_kind_of(s->name);
-    struct pending *p = pending_add(s, kind, s->tag, s->tag_len);
-    p->up_tag = ++s->next_tag;
-    s->cur = p;
-    s->cur_started = true;
-
-    char tag[24];
-    int n = snprintf(tag, sizeof(tag), "Q%llu", (unsigned long long)p->up_tag);
-    int rc = outq_copy(&s->up.out, tag, (size_t)n);
-    if (rc == 0)
-        rc = emit(&s->up, c, b + sd->tag_end, len - sd->tag_end);
-    if (rc < 0) {
-        sess_fail(s, rc, "queue");
-        return;
-    }
-    if (log_on(LOG_DEBUG)) {
-        struct log_line l;
-        log_begin(&l, LOG_DEBUG, "command");
-        log_hex(&l, "sid", s->id);
-        log_strn(&l, "tag", s->tag, s->tag_len);
-        log_str(&l, "cmd", s->name);
-        log_u64(&l, "up_tag", p->up_tag);
-        log_end(&l);
-    }
-}
-
-/* A complete segment of a client line, b[0..len), ending at its CRLF
- * (is_eol) or at a literal header. */
-static void cmd_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len, bool is_eol)
-{
-    struct side *sd = &s->cli;
-
-    if (sd->is_discarding) {
-        /* dropped */
-    } else if (!s->cur_started) {
-        cmd_begin(s, c, b, len, !is_eol);
-    } else {
-        emit_or_fail(&s->up, c, b, len);
-    }
-    if (is_eol) {
-        sd->ntok = 0;
-        sd->is_discarding = false;
-        s->cur_started = false;
-        s->cur = NULL;
-    }
-}
-
-/* A tokenizer error on the client side. */
-static void cmd_tok_error(struct sess *s, int err)
-{
-    struct side *sd = &s->cli;
-
-    if (s->cur != NULL || (s->cur_started && !sd->is_discarding)) {
-        /* Part of this command already went upstream (a literal header):
-         * the upstream's framing cannot be repaired. */
-        sess_fail(s, err, "client line after literal");
-        return;
-    }
-    if (!s->cur_started) {
-        const char *text = err == TOK_ELINE        ? "BAD Command line too long"
-                           : err == TOK_ELIMIT_LIT ? "BAD Literal too large"
-                                                   : "BAD Invalid command syntax";
-        if (sd->ntok == 0)
-            s->tag_ok = false;
-        cmd_answer(s, text);
-    }
-    sd->is_discarding = true;
-    tok_recover(&sd->tok);
-}
-
-/* ------------------------------------------------- upstream response stage */
-
-static void rsp_send_tag(struct sess *s)
-{
-    if (s->rl_kind == RL_TAGGED && !s->rl_tag_sent && s->rl_cmd != NULL) {
-        emit_or_fail(&s->cli, NULL, s->rl_cmd->tag, s->rl_cmd->tag_len);
-        s->rl_tag_sent = true;
-    }
-}
-
-/* Emit b[0..len), the start of the current upstream line, with the tag
- * mapped back to the client's. */
-static void rsp_emit_head(struct sess *s, struct buf_chunk *c, const char *b, size_t len)
-{
-    size_t skip = 0;
-
-    if (s->rl_kind == RL_TAGGED && !s->rl_tag_sent && s->rl_cmd != NULL) {
-        rsp_send_tag(s);
-        skip = s->up.tag_end < len ? s->up.tag_end : len;
-    }
-    emit_or_fail(&s->cli, c, b + skip, len - skip);
-}
-
-static void rsp_on_event(struct sess *s, const struct tok_ev *ev)
-{
-    struct side *sd = &s->up;
-
-    if (ev->kind == TOK_EOL || ev->kind == TOK_LIT_DATA || ev->kind == TOK_LIT_END)
-        return;
-    switch (sd->ntok++) {
-    case 0:
-        sd->tag_end = sd->seg_off;
-        s->rl_cap = s->rl_code = s->rl_tag_sent = false;
-        s->rl_status[0] = '\0';
-        s->rl_cmd = NULL;
-        if (word_is(ev->data, ev->len, "*")) {
-            s->rl_kind = RL_UNTAGGED;
-        } else if (word_is(ev->data, ev->len, "+")) {
-            s->rl_kind = RL_CONT;
-        } else {
-            s->rl_kind = RL_TAGGED;
-            if (ev->len > 1 && ev->data[0] == 'Q') {
-                char *end;
-                char num[24];
-                size_t n = ev->len - 1 < sizeof(num) - 1 ? ev->len - 1 : sizeof(num) - 1;
-                memcpy(num, ev->data + 1, n);
-                num[n] = '\0';
-                unsigned long long v = strtoull(num, &end, 10);
-                if (*end == '\0')
-                    s->rl_cmd = pending_find(s, v);
-            }
-        }
-        break;
-    case 1:
-        if (ev->len < sizeof(s->rl_status) && ev->kind == TOK_ATOM) {
-            memcpy(s->rl_status, ev->data, ev->len);
-            s->rl_status[ev->len] = '\0';
-        }
-        if (s->rl_kind == RL_UNTAGGED) {
-            if (word_is(ev->data, ev->len, "CAPABILITY"))
-                s->rl_cap = true;
-            else if (!word_is(ev->data, ev->len, "OK") && !word_is(ev->data, ev->len, "NO") &&
-                     !word_is(ev->data, ev->len, "BAD") && !word_is(ev->data, ev->len, "BYE") &&
-                     !word_is(ev->data, ev->len, "PREAUTH"))
-                sd->is_streaming = true; /* FETCH, SEARCH, LIST, EXISTS...: passed as is */
-        }
-        break;
-    case 2:
-        s->rl_code = ev->kind == TOK_SECT_OPEN;
-        break;
-    case 3:
-        if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "CAPABILITY"))
-            s->rl_cap = true;
-        break;
-    default:
-        break;
-    }
-}
-
-/* A complete upstream line: its effects on the session. */
-static void rsp_line_done(struct sess *s)
-{
-    struct pending *p = s->rl_cmd;
-
-    if (!s->saw_greeting) {
-        s->saw_greeting = true;
-        if (s->rl_kind == RL_UNTAGGED && strcasecmp(s->rl_status, "PREAUTH") == 0)
-            sess_logged_in(s);
-    }
-    if (s->rl_kind == RL_UNTAGGED && strcasecmp(s->rl_status, "BYE") == 0)
-        s->saw_up_bye = true;
-
-    if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) &&
-        (s->last_kind == CMD_AUTHENTICATE || s->last_kind == CMD_IDLE)) {
-        /* The client's next line answers this continuation (RFC 3501
-         * §6.2.2 SASL data, RFC 2177 DONE): relay it raw. */
-        s->raw_lines = 1;
-    }
-
-    if (s->rl_kind == RL_TAGGED && p != NULL) {
-        bool ok = strcasecmp(s->rl_status, "OK") == 0;
-        if ((p->kind == CMD_LOGIN || p->kind == CMD_AUTHENTICATE) && ok) {
-            sess_logged_in(s);
-            free(s->user);
-            s->user = p->kind == CMD_LOGIN ? s->user_cand : NULL;
-            s->user_cand = NULL;
-            struct log_line l;
-            log_begin(&l, LOG_INFO, "session.login");
-            log_hex(&l, "sid", s->id);
-            log_str(&l, "user", s->user != NULL ? s->user : "");
-            log_str(&l, "mech", p->kind == CMD_LOGIN ? "login" : "authenticate");
-            log_end(&l);
-        }
-        if (p->kind == CMD_AUTHENTICATE || p->kind == CMD_IDLE)
-            s->raw_lines = 0;
-        p->is_done = true;
-        pending_retire(s);
-    } else if (s->rl_kind == RL_TAGGED) {
-        struct log_line l;
-        log_begin(&l, LOG_WARN, "upstream.unknown_tag");
-        log_hex(&l, "sid", s->id);
-        log_end(&l);
-    }
-    s->rl_kind = RL_NONE;
-    s->rl_cmd = NULL;
-}
-
-/* A complete segment of an upstream line, b[0..len). */
-static void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len, bool is_eol)
-{
-    struct side *sd = &s->up;
-
-    if (sd->is_streaming || !s->rl_cap || !is_eol || sd->ntok < 2) {
-        rsp_emit_head(s, c, b, len);
-    } else {
-        /* One function decides every capability list a client sees. */
-        struct buf tmp = {0};
-        uint32_t bits;
-        int rc = cap_rewrite_line(b, len, &tmp, len + 64, &bits);
-        if (rc == 0) {
-            s->up_caps = bits;
-            s->knows_up_caps = true;
-            rsp_emit_head(s, NULL, tmp.p, tmp.len);
-        } else if (rc == QR_EINVAL)
-            rsp_emit_head(s, c, b, len);
-        else
-            sess_fail(s, rc, "capability rewrite");
-        buf_fini(&tmp);
-    }
-    if (is_eol) {
-        rsp_line_done(s);
-        sd->ntok = 0;
-        sd->is_streaming = false;
-    }
 }
 
 /* ---------------------------------------------------------- reading */
@@ -651,10 +105,10 @@ static size_t side_raw(struct side *sd, struct buf_chunk *c, const char *p, size
             sess_fail(s, QR_ENOMEM, "line buffer");
             return take;
         }
-        emit_or_fail(&s->up, NULL, sd->line.p, sd->line.len);
+        sess_send(&s->up, NULL, sd->line.p, sd->line.len);
         buf_clear(&sd->line, UP_LINE_KEEP);
     } else {
-        emit_or_fail(&s->up, c, p, take);
+        sess_send(&s->up, c, p, take);
     }
     s->raw_lines--;
     return take;
@@ -681,7 +135,7 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
         if (rc == TOK_EVENT && ev.kind == TOK_LIT_DATA) {
             /* DESIGN inv. 5: a literal body streams as slices of the chunk. */
             if (!sd->is_discarding)
-                emit_or_fail(side_other(sd), c, p + pos, used);
+                sess_send(sess_other_side(sd), c, p + pos, used);
             pos += used;
             seg = p + pos;
             continue;
@@ -720,7 +174,7 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
     if (s->is_closing || seg >= p + pos)
         return;
     if (sd->is_streaming) {
-        emit_or_fail(side_other(sd), c, seg, (size_t)(p + pos - seg));
+        sess_send(sess_other_side(sd), c, seg, (size_t)(p + pos - seg));
     } else if (!sd->is_discarding) {
         /* A partial segment waits for the rest of its line. The tokenizer
          * bounds the line, so the buffer is bounded too. */
@@ -778,7 +232,7 @@ static void side_eof(struct side *sd, ssize_t nread)
     /* The upstream is gone. Tell the client, when a line boundary allows. */
     if (!s->saw_up_bye && tok_at_line_start(&s->up.tok) && !s->up.line_in_buf) {
         static const char bye[] = "* BYE Upstream server closed the connection\r\n";
-        emit_or_fail(&s->cli, NULL, bye, sizeof(bye) - 1);
+        sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
     }
     sess_drain(s, nread == UV_EOF ? "upstream closed" : "upstream error");
 }
@@ -828,7 +282,7 @@ static void side_update_reading(struct side *sd)
 {
     struct sess *s = sd->s;
     const struct cfg *cfg = s->ctx->cfg;
-    struct side *dst = side_other(sd);
+    struct side *dst = sess_other_side(sd);
 
     if (s->is_closing)
         return;
@@ -872,7 +326,7 @@ static void on_written(void *arg, int status)
             sess_close(s, s->close_reason);
         return;
     }
-    side_update_reading(side_other(sd));
+    side_update_reading(sess_other_side(sd));
 }
 
 /* ---------------------------------------------------------- lifecycle */
@@ -893,7 +347,7 @@ static void on_handle_closed(uv_handle_t *h)
     tok_fini(&s->up.tok);
     buf_fini(&s->cli.line);
     buf_fini(&s->up.line);
-    pending_free_all(s);
+    cmd_pending_free_all(s);
     free(s->user_cand);
     free(s->user);
     free(s->tag);
@@ -916,7 +370,7 @@ static void sess_log_close(struct sess *s, const char *reason)
 
 /* Close every handle now; the session is freed by the last close callback.
  * Idempotent (STYLE §3 rule 2). */
-static void sess_close(struct sess *s, const char *reason)
+void sess_close(struct sess *s, const char *reason)
 {
     struct sess_ctx *ctx = s->ctx;
 
@@ -939,10 +393,12 @@ static void sess_close(struct sess *s, const char *reason)
 }
 
 static void on_timer(uv_timer_t *t);
+static void sess_arm_timer(struct sess *s, uint64_t ms);
+static uint64_t sess_timeout_ms(const struct sess *s);
 
 /* Stop reading, let what is queued (a BYE) reach the peers, then close;
  * at most DRAIN_TIMEOUT later in any case. */
-static void sess_drain(struct sess *s, const char *reason)
+void sess_drain(struct sess *s, const char *reason)
 {
     if (s->is_closing || s->is_draining)
         return;
@@ -991,7 +447,7 @@ static void on_timer(uv_timer_t *t)
     }
     if (!s->is_up_connected) {
         static const char bye[] = "* BYE [UNAVAILABLE] Upstream server not reachable\r\n";
-        emit_or_fail(&s->cli, NULL, bye, sizeof(bye) - 1);
+        sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
         sess_drain(s, "upstream connect timeout");
         return;
     }
@@ -1002,18 +458,18 @@ static void on_timer(uv_timer_t *t)
     }
     if (tok_at_line_start(&s->up.tok) && !s->up.line_in_buf) {
         static const char bye[] = "* BYE Autologout; idle for too long\r\n";
-        emit_or_fail(&s->cli, NULL, bye, sizeof(bye) - 1);
+        sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
     }
     if (s->n_pending == 0 && tok_at_line_start(&s->cli.tok) && s->raw_lines == 0) {
         char line[40];
         int n = snprintf(line, sizeof(line), "Q%llu LOGOUT\r\n", (unsigned long long)++s->next_tag);
-        emit_or_fail(&s->up, NULL, line, (size_t)n);
+        sess_send(&s->up, NULL, line, (size_t)n);
     }
     sess_drain(s, s->is_logged_in ? "idle timeout" : "pre-auth timeout");
 }
 
 /* From now on the inactivity limit is idle-timeout, not preauth-timeout. */
-static void sess_logged_in(struct sess *s)
+void sess_logged_in(struct sess *s)
 {
     s->is_logged_in = true;
     if (!s->is_draining && !s->is_closing)
@@ -1034,7 +490,7 @@ static void on_up_connect(uv_connect_t *req, int status)
         log_err(&l, "err", status);
         log_end(&l);
         static const char bye[] = "* BYE [UNAVAILABLE] Upstream server not reachable\r\n";
-        emit_or_fail(&s->cli, NULL, bye, sizeof(bye) - 1);
+        sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
         sess_drain(s, "upstream connect failed");
         return;
     }
@@ -1165,7 +621,7 @@ void sess_shutdown_all(struct sess_ctx *ctx)
             continue;
         if (tok_at_line_start(&s->up.tok) && !s->up.line_in_buf) {
             static const char bye[] = "* BYE [UNAVAILABLE] Server shutting down\r\n";
-            emit_or_fail(&s->cli, NULL, bye, sizeof(bye) - 1);
+            sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
         }
         sess_drain(s, "shutdown");
     }

@@ -42,6 +42,7 @@
 
 #include "common/buf.h"
 #include "common/cfg.h"
+#include "common/err.h"
 #include "common/tok.h"
 
 struct sess;
@@ -75,5 +76,29 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server);
 
 /* Tell every session `* BYE` where a line boundary allows, and close them. */
 void sess_shutdown_all(struct sess_ctx *ctx);
+
+/* ---- for the session's stages (proxy/cmd.c, proxy/rsp.c) ---- */
+
+struct side;
+
+/* Queue p[0..len) towards a peer: as a slice of chunk c when the bytes lie
+ * in it (a reference is taken), as a copy when c is NULL. */
+QR_MUST_CHECK int sess_emit(struct side *to, struct buf_chunk *c, const char *p, size_t len);
+
+/* sess_emit, closing the session on failure. */
+void sess_send(struct side *to, struct buf_chunk *c, const char *p, size_t len);
+
+/* Log err and close the session. */
+void sess_fail(struct sess *s, int err, const char *what);
+
+/* Close every handle now (idempotent; the session is freed later, in the
+ * last close callback, so s stays valid until the current callback ends). */
+void sess_close(struct sess *s, const char *reason);
+
+/* Stop reading, let what is queued reach the peers, then close. */
+void sess_drain(struct sess *s, const char *reason);
+
+/* The upstream accepted a login: the idle timeout applies from now on. */
+void sess_logged_in(struct sess *s);
 
 #endif

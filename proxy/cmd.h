@@ -1,0 +1,37 @@
+/* cmd: the client command stage (see proxy/cmd.c). Called by the session
+ * for each tokenizer event and each complete segment of a client line. */
+#ifndef QR_CMD_H
+#define QR_CMD_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proxy/sess_types.h"
+
+/* Note what the proxy must know of a client line (tag, command name,
+ * LOGIN's user). Never sends anything. */
+void cmd_on_event(struct sess *s, const struct tok_ev *ev);
+
+/* A complete segment b[0..len) of a client line (c: the chunk it lies in,
+ * or NULL when it was assembled in the line buffer), ending at its CRLF
+ * (is_eol) or at a literal header. The first segment of a command gets the
+ * proxy's tag and goes upstream, or is answered here. */
+void cmd_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len, bool is_eol);
+
+/* A tokenizer error on the client side: a tagged BAD and the rest of the
+ * line skipped, or the session closed when part of the command already
+ * went upstream. */
+void cmd_tok_error(struct sess *s, int err);
+
+/* The pending command with this upstream tag, or NULL. */
+struct pending *cmd_pending_find(struct sess *s, uint64_t up_tag);
+
+/* Retire completed commands from the FIFO's head, sending local answers
+ * that have become due. */
+void cmd_pending_retire(struct sess *s);
+
+/* Free the whole FIFO (session teardown). */
+void cmd_pending_free_all(struct sess *s);
+
+#endif

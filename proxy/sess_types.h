@@ -1,0 +1,126 @@
+/* sess_types: the session's types, shared by the session (proxy/sess.c)
+ * and its two stages (proxy/cmd.c for client commands, proxy/rsp.c for
+ * upstream responses). Types only, and the one inline accessor.
+ *
+ * Ownership: a struct sess is owned by itself (proxy/sess.h): it is freed
+ * in the close callback of its last handle. Its sides, pending commands,
+ * tag and user strings are owned by it and freed with it.
+ */
+#ifndef QR_SESS_TYPES_H
+#define QR_SESS_TYPES_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "common/buf.h"
+#include "common/tok.h"
+#include "proxy/outq.h"
+#include "proxy/sess.h"
+
+#define NAME_MAX_LEN 24   /* longest command name kept */
+#define PENDING_MAX  1024 /* stop reading the client beyond this many open commands */
+
+enum cmd_kind {
+    CMD_OTHER = 0,
+    CMD_LOGIN,
+    CMD_AUTHENTICATE,
+    CMD_IDLE,
+    CMD_LOGOUT,
+    CMD_LOCAL, /* answered by the proxy */
+};
+
+/* A command sent upstream, or a local answer waiting for its turn. */
+struct pending {
+    struct pending *next;
+    uint64_t up_tag; /* 0 for local answers */
+    enum cmd_kind kind;
+    bool is_done;
+    char *local; /* local answer: whole line(s) to send, or NULL */
+    size_t local_len;
+    size_t tag_len;
+    char tag[]; /* the client's tag */
+};
+
+enum rl_kind { RL_NONE, RL_UNTAGGED, RL_CONT, RL_TAGGED };
+
+/* One direction of the session: a peer socket, what is read from it, and
+ * the queue of bytes written to it. */
+struct side {
+    struct sess *s;
+    uv_tcp_t tcp;
+    struct tok tok;
+    struct buf line;          /* a segment that spans reads */
+    struct buf_chunk *rchunk; /* where reads land; one reference */
+    struct outq out;          /* bytes going to this peer */
+    size_t seg_off;           /* bytes of the current segment consumed */
+    unsigned ntok;            /* tokens seen on the current line */
+    size_t tag_end;           /* segment offset after the first token */
+    bool is_reading;
+    bool is_paused; /* by backpressure */
+    bool line_in_buf;
+    bool is_streaming;  /* upstream: line decided, emitted as consumed */
+    bool is_discarding; /* client: refused line being dropped to its end */
+    bool last_lit_sync;
+};
+
+struct sess {
+    struct sess_ctx *ctx;
+    struct sess *prev, *next;
+    uint64_t id;
+    struct side cli;
+    struct side up;
+    uv_timer_t timer;
+    uv_connect_t conn_req;
+    unsigned n_handles;
+    uint64_t last_active; /* uv_now() of the last client input */
+    uint64_t t_open;
+    const char *close_reason;
+
+    bool is_closing;
+    bool is_draining;
+    bool is_up_connected;
+    bool is_logged_in;
+    bool saw_up_bye;
+    bool saw_greeting;
+    bool knows_up_caps;
+    enum cmd_kind last_kind; /* of the last command sent upstream */
+    uint32_t up_caps;        /* the upstream's capability bits (proxy/cap.h) */
+
+    /* Pending commands, oldest first. */
+    struct pending *head, *tail;
+    unsigned n_pending;
+    uint64_t next_tag;
+
+    /* The client command line being read. */
+    struct pending *cur; /* its pending entry once its first segment went up */
+    bool cur_started;    /* first segment handled (forwarded or refused) */
+    bool tag_ok;
+    size_t tag_len;
+    char *tag; /* the line's tag, owned; any length the line limit allows */
+    char name[NAME_MAX_LEN];
+    char *user_cand; /* LOGIN's user name, until the upstream accepts it */
+    char *user;
+    unsigned raw_lines; /* client lines to relay raw (SASL data, DONE) */
+    bool in_raw_line;
+
+    /* The upstream line being read. */
+    enum rl_kind rl_kind;
+    struct pending *rl_cmd;
+    bool rl_cap;
+    bool rl_code;
+    bool rl_tag_sent;
+    char rl_status[8];
+
+    char peer[64];
+};
+
+/* The side whose bytes sd's bytes are relayed to. */
+static inline struct side *sess_other_side(struct side *sd)
+{
+    return sd == &sd->s->cli ? &sd->s->up : &sd->s->cli;
+}
+
+#endif
