@@ -78,7 +78,7 @@ qr_wait_ready() {
             return 1
         fi
         if { exec {fd}<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
-            [ -n "$send" ] && printf '%s' "$send" >&"$fd"
+            if [ -n "$send" ]; then printf '%s' "$send" >&"$fd"; fi
             line=
             IFS= read -r -t 5 -u "$fd" line || true
             exec {fd}>&-
@@ -146,7 +146,7 @@ start_redis() {
     export REDIS_DIR REDIS_PORT REDIS_PID
 }
 
-stop_redis() { [ -n "${REDIS_DIR:-}" ] && qr_stop_pid redis "$REDIS_DIR/redis.pid"; }
+stop_redis() { if [ -n "${REDIS_DIR:-}" ]; then qr_stop_pid redis "$REDIS_DIR/redis.pid"; fi; }
 
 # -------------------------------------------------------------- Dovecot ----
 
@@ -229,7 +229,7 @@ EOF
     export DOVECOT_DIR DOVECOT_PORT DOVECOT_PID DOVECOT_MAILDIR
 }
 
-stop_dovecot() { [ -n "${DOVECOT_DIR:-}" ] && qr_stop_pid dovecot "$DOVECOT_DIR/dovecot.pid"; }
+stop_dovecot() { if [ -n "${DOVECOT_DIR:-}" ]; then qr_stop_pid dovecot "$DOVECOT_DIR/dovecot.pid"; fi; }
 
 # -------------------------------------------------------------- Courier ----
 
@@ -339,7 +339,7 @@ EOF
 
 # unshare --fork ignores SIGTERM; SIGKILL makes the kernel kill its child
 # (--kill-child), the namespace's init, and so every process inside.
-stop_courier() { [ -n "${COURIER_DIR:-}" ] && qr_stop_pid courier "$COURIER_DIR/courier.pid" KILL; }
+stop_courier() { if [ -n "${COURIER_DIR:-}" ]; then qr_stop_pid courier "$COURIER_DIR/courier.pid" KILL; fi; }
 
 # ---------------------------------------------------------------- all ------
 
