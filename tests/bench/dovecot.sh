@@ -4,6 +4,7 @@
 # cleanup trap). bench_start_dovecot -> DOVECOT_PORT DOVECOT_DIR DOVECOT_PID
 # DOVECOT_MAILDIR (empty; the caller fills it and chowns it to the mail
 # user). Sized by IDLE_N (default 1000).
+#
 # servers.sh's start_dovecot caps Dovecot at 500 processes and 500
 # connections per user and IP, and takes no extra settings; the bench needs
 # 1000 sessions through the proxy (1000 upstream connections from 127.0.0.1
@@ -82,4 +83,5 @@ EOF
         tail -20 "$d/dovecot.stderr" "$d/dovecot.log" >&2 2>/dev/null
         return 1
     fi
+    export DOVECOT_DIR DOVECOT_PORT DOVECOT_PID DOVECOT_MAILDIR
 }

@@ -370,8 +370,8 @@ static bool frag_contains(const char *p, size_t n, const char *needle)
 }
 
 /* Sends "<tag> <cmd>" and reads responses until the tagged one. Untagged
- * FETCH responses and literals are counted into st. Returns the tagged
- * status word ("OK", "NO", "BAD") in status. A BYE before it is fatal. */
+ * FETCH responses and literals are counted into st. A BYE before the tagged
+ * response is fatal, and so is a tagged NO or BAD when want_ok. */
 static void conn_cmd(struct conn *c, const char *cmd, struct resp_stats *st, bool want_ok)
 {
     char tag[16], out[1024];
@@ -440,11 +440,7 @@ static void conn_login(struct conn *c, const char *host, const char *port, const
 
 static void conn_logout(struct conn *c)
 {
-    struct resp_stats st;
-
-    memset(&st, 0, sizeof(st));
-    hash_init(&st.h);
-    /* LOGOUT answers "* BYE" first: read it as a plain line. */
+    /* LOGOUT answers "* BYE" first: read lines up to the tagged one. */
     write_all(c->fd, "z LOGOUT\r\n", 10);
     for (;;) {
         const char *p;

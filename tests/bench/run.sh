@@ -81,9 +81,9 @@ if [ "$DIRECT_ONLY" != 1 ] && [ ! -x "$QRESYNCD" ]; then
     fail "$QRESYNCD not built (make VARIANT=release all)"
 fi
 
-# shellcheck source=../integration/servers.sh
+# shellcheck source=tests/integration/servers.sh
 source tests/integration/servers.sh
-# shellcheck source=dovecot.sh
+# shellcheck source=tests/bench/dovecot.sh
 source tests/bench/dovecot.sh
 
 # --------------------------------------------------------------- helpers ----
