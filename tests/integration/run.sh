@@ -39,6 +39,7 @@ fi
 # shellcheck source=servers.sh
 . "$IT/servers.sh"
 
+rm -rf "$QR_TMP/seed"
 if python3 "$IT/seed.py" "$QR_TMP/seed" >/dev/null; then
     chown -R mail:mail "$QR_TMP/seed"
     export QR_SEED_MAILDIR=$QR_TMP/seed/Maildir

@@ -1005,6 +1005,45 @@ def s_long(s, srv):
     s.logout()
 
 
+@session("literal_args")
+def s_literal_args(s, srv):
+    # Mailbox names, patterns and strings sent as literals: a proxy that reads
+    # the mailbox name of SELECT/STATUS/APPEND must take them from literals.
+    old = srv.mb("Old Mail").strip('"').encode()
+    arch = srv.mb("Archive").strip('"').encode()
+    s.connect()
+    s.login()
+    s.literal("a2", 'LIST "" ', b"*")
+    s.literal("a3", "STATUS ", old, b" (MESSAGES UIDNEXT UIDVALIDITY)")
+    s.literal("a4", "SELECT ", old)
+    s.cmd("a5", "FETCH 1:* (UID FLAGS)")
+    s.literal("a6", "EXAMINE ", b"INBOX")
+    s.literal("a7", "COPY 1:2 ", arch, expect=("NO", "OK"))  # read-only mailbox
+    s.literal("a8", "SELECT ", b"INBOX")
+    s.literal("a9", "COPY 1:2 ", arch)
+    s.literal("b1", "SEARCH FROM ", b"alice", b" SUBJECT \"report\"")
+    if srv.has("LITERAL+"):
+        s.literal("b2", "SELECT ", old, sync=False)
+        s.literal("b3", "STATUS ", arch, b" (MESSAGES)", sync=False)
+    s.literal("b4", "STATUS ", arch, b" (MESSAGES UNSEEN)")
+    s.logout()
+
+
+@session("enable_other")
+def s_enable(s, srv):
+    # ENABLE of an extension the proxy does not own goes to an upstream that
+    # advertises ENABLE (spec X1); only such upstreams run this session.
+    if not srv.has("ENABLE"):
+        return "no ENABLE"
+    s.connect()
+    s.login()
+    s.cmd("a2", "ENABLE UTF8=ACCEPT")
+    s.cmd("a3", "ENABLE X-NO-SUCH-EXTENSION")
+    s.cmd("a4", "SELECT INBOX")
+    s.cmd("a5", "FETCH 33 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    s.logout()
+
+
 # --------------------------------------------------------------------------
 # Running
 
@@ -1558,6 +1597,9 @@ def main():
     servers = servers_from_env()
     if not servers:
         rep.fail("setup", "no upstream in the environment (DOVECOT_PORT / COURIER_PORT)")
+    if not os.path.isdir(os.environ.get("QR_SEED_MAILDIR", "")):
+        rep.fail("setup", "QR_SEED_MAILDIR does not name the seeded Maildir: nothing run")
+        servers = []
     only = re.compile(args.only) if args.only else None
     proxy = None
     if args.proxy:
