@@ -19,6 +19,7 @@
 #define POOL_MAX_FREE 64
 
 static void side_update_reading(struct side *sd);
+static void side_flush(struct side *sd);
 
 void sess_fail(struct sess *s, int err, const char *what)
 {
@@ -124,6 +125,15 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
     const char *seg = p; /* first byte not yet emitted or buffered */
 
     while (pos < n && !s->is_closing && !s->is_draining) {
+        if (sd->is_held && seg == p + pos) {
+            /* Keep the rest for sess_release(); it is processed before
+             * anything read later. */
+            buf_chunk_ref(c);
+            sd->held_chunk = c;
+            sd->held_off = (uint32_t)(p + pos - c->data);
+            sd->held_len = (uint32_t)(n - pos);
+            return;
+        }
         if (is_cli && (s->in_raw_line || (s->raw_lines > 0 && tok_at_line_start(&sd->tok)))) {
             pos += side_raw(sd, c, p + pos, n - pos);
             seg = p + pos;
@@ -184,6 +194,33 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
         }
         sd->line_in_buf = true;
     }
+}
+
+void sess_hold(struct side *sd)
+{
+    sd->is_held = true;
+    side_update_reading(sd);
+}
+
+void sess_release(struct side *sd)
+{
+    struct sess *s = sd->s;
+
+    if (!sd->is_held || s->is_closing)
+        return;
+    sd->is_held = false;
+    struct buf_chunk *c = sd->held_chunk;
+    sd->held_chunk = NULL;
+    if (c != NULL) {
+        side_feed(sd, c, c->data + sd->held_off, sd->held_len);
+        buf_chunk_unref(&s->ctx->pool, &c);
+    }
+    if (s->is_closing)
+        return;
+    side_flush(&s->cli);
+    side_flush(&s->up);
+    side_update_reading(&s->cli);
+    side_update_reading(&s->up);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
@@ -286,7 +323,7 @@ static void side_update_reading(struct side *sd)
 
     if (s->is_closing)
         return;
-    bool want = !s->is_draining && s->is_up_connected;
+    bool want = !s->is_draining && s->is_up_connected && !sd->is_held && sd->held_chunk == NULL;
     if (want) {
         size_t q = dst->out.queued;
         bool over = sd == &s->cli && s->n_pending >= PENDING_MAX;
@@ -343,6 +380,8 @@ static void on_handle_closed(uv_handle_t *h)
     outq_fini(&s->up.out);
     buf_chunk_unref(&ctx->pool, &s->cli.rchunk);
     buf_chunk_unref(&ctx->pool, &s->up.rchunk);
+    buf_chunk_unref(&ctx->pool, &s->cli.held_chunk);
+    buf_chunk_unref(&ctx->pool, &s->up.held_chunk);
     tok_fini(&s->cli.tok);
     tok_fini(&s->up.tok);
     buf_fini(&s->cli.line);

@@ -101,4 +101,13 @@ void sess_drain(struct sess *s, const char *reason);
 /* The upstream accepted a login: the idle timeout applies from now on. */
 void sess_logged_in(struct sess *s);
 
+/* Stop processing input from sd at the next segment boundary (a stage
+ * waits for something, e.g. the state store, and nothing behind may
+ * overtake it). What was read stays queued, in order. */
+void sess_hold(struct side *sd);
+
+/* Process what sd held, then read on. Never call from inside the stage
+ * callbacks of the same side (it feeds the held bytes synchronously). */
+void sess_release(struct side *sd);
+
 #endif

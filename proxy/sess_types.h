@@ -64,6 +64,12 @@ struct side {
     bool is_streaming;  /* upstream: line decided, emitted as consumed */
     bool is_discarding; /* client: refused line being dropped to its end */
     bool last_lit_sync;
+    /* Held by a stage (e.g. waiting for the state store): input is not
+     * processed; what was read but not yet processed waits here. */
+    bool is_held;
+    struct buf_chunk *held_chunk; /* one reference */
+    uint32_t held_off;
+    uint32_t held_len;
 };
 
 struct sess {
