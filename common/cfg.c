@@ -85,7 +85,7 @@ static const struct cfg_opt cfg_opts[] = {
      "inactivity before a logged-in session ends (RFC 3501: at least 30m)"},
     {"connect-timeout", CFG_T_DUR, CFG_FIELD(connect_timeout), 0, "10", 1, HOUR, 0, "DUR",
      "time allowed to connect to the upstream"},
-    {"buffer-size", CFG_T_SIZE, CFG_FIELD(buffer_size), 0, "16k", 4 * KIB, 16 * MIB, 0, "SIZE",
+    {"buffer-size", CFG_T_SIZE, CFG_FIELD(buffer_size), 0, "64k", 4 * KIB, 16 * MIB, 0, "SIZE",
      "input buffer chunk size"},
     {"high-water", CFG_T_SIZE, CFG_FIELD(high_water), 0, "256k", 4 * KIB, GIB, 0, "SIZE",
      "bytes queued towards one side before reading the other side stops"},

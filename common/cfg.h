@@ -42,7 +42,7 @@
  *   idle-timeout DUR      1860 (31m)    [1, 7d]; under 30m (RFC 3501 §5.4)
  *                                       it loads, with a cfg_warn() warning
  *   connect-timeout DUR   10            [1, 1h]
- *   buffer-size SIZE      16384         [4k, 16m]  (chunk size)
+ *   buffer-size SIZE      65536         [4k, 16m]  (chunk size)
  *   high-water SIZE       262144        [4k, 1g]
  *   low-water SIZE        65536         [0, 1g]; must be < high-water
  *   log-level LEVEL       info          err|warn|info|debug

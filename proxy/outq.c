@@ -92,6 +92,8 @@ static void outq_on_write(uv_write_t *req, int status)
     q->queued -= w->bytes;
     q->in_flight--;
     free(w);
+    if (q->in_flight == 0 && q->n_pend == 0)
+        buf_chunk_unref(q->pool, &q->gen);
     q->on_written(q->arg, status);
 }
 
@@ -130,6 +132,8 @@ int outq_flush(struct outq *q)
     }
     if (first == n) {
         q->n_pend = 0;
+        if (q->in_flight == 0)
+            buf_chunk_unref(q->pool, &q->gen); /* an idle queue holds no chunk */
         return 0;
     }
     q->pend[first].p += done;

@@ -304,11 +304,14 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b)
     side_feed(sd, c, p, (size_t)nread);
     if (s->is_closing)
         return;
-    /* An idle session keeps no chunk: give it back unless a write holds it. */
-    if (sd->rchunk != NULL && sd->rchunk->refs == 1)
-        buf_chunk_unref(&s->ctx->pool, &sd->rchunk);
     side_flush(&s->cli);
     side_flush(&s->up);
+    if (s->is_closing)
+        return;
+    /* An idle session keeps no chunk: give it back unless a write still
+     * holds it (checked after the flush, which usually writes everything). */
+    if (sd->rchunk != NULL && sd->rchunk->refs == 1)
+        buf_chunk_unref(&s->ctx->pool, &sd->rchunk);
     side_update_reading(&s->cli);
     side_update_reading(&s->up);
 }
@@ -363,7 +366,11 @@ static void on_written(void *arg, int status)
             sess_close(s, s->close_reason);
         return;
     }
-    side_update_reading(sess_other_side(sd));
+    /* The write that pinned the feeding side's read chunk is done. */
+    struct side *src = sess_other_side(sd);
+    if (src->rchunk != NULL && src->rchunk->refs == 1)
+        buf_chunk_unref(&s->ctx->pool, &src->rchunk);
+    side_update_reading(src);
 }
 
 /* ---------------------------------------------------------- lifecycle */

@@ -97,7 +97,7 @@ Test(cfg, defaults)
     cr_assert_eq(c.preauth_timeout, 60);
     cr_assert_eq(c.idle_timeout, 1860);
     cr_assert_eq(c.connect_timeout, 10);
-    cr_assert_eq(c.buffer_size, 16384);
+    cr_assert_eq(c.buffer_size, 65536);
     cr_assert_eq(c.high_water, 262144);
     cr_assert_eq(c.low_water, 65536);
     cr_assert_eq(c.log_level, LOG_INFO);
