@@ -93,6 +93,9 @@ static const struct cfg_opt cfg_opts[] = {
      "queued bytes below which reading resumes; below high-water"},
     {"log-level", CFG_T_LEVEL, CFG_FIELD(log_level), 0, "info", 0, 0, 0, "LEVEL",
      "err, warn, info or debug"},
+    {"condstore", CFG_T_BOOL, CFG_FIELD(condstore), 0, "no", 0, 0, 0, "BOOL",
+     "offer CONDSTORE (RFC 7162) to clients; needs redis. Work in progress: "
+     "ENABLE and SELECT/EXAMINE HIGHESTMODSEQ only, so off by default"},
     /* Reserved for later, keep these names: listen-tls HOST:PORT (repeatable),
      * tls-cert FILE, tls-key FILE, upstream-tls BOOL, poll-interval DUR,
      * snapshot-freshness DUR. */
@@ -884,6 +887,8 @@ int cfg_validate(const struct cfg *c, char *err, size_t errlen)
         return cfg_fail(err, errlen,
                         "low-water (%" PRIu64 ") must be below high-water (%" PRIu64 ")",
                         c->low_water, c->high_water);
+    if (c->condstore && c->redis == NULL)
+        return cfg_fail(err, errlen, "condstore needs redis (the state store)");
     return 0;
 }
 

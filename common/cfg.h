@@ -46,6 +46,8 @@
  *   high-water SIZE       262144        [4k, 1g]
  *   low-water SIZE        65536         [0, 1g]; must be < high-water
  *   log-level LEVEL       info          err|warn|info|debug
+ *   condstore BOOL        no            offer CONDSTORE; needs redis (work
+ *                                       in progress, see README)
  *
  * Value syntax: SIZE is a number with an optional binary suffix k, m, g
  * (any case: 16k = 16384); DUR is seconds with an optional suffix s, m, h,
@@ -98,6 +100,7 @@ struct cfg {
     uint64_t high_water;      /* bytes */
     uint64_t low_water;       /* bytes */
     enum log_level log_level;
+    bool condstore; /* offer CONDSTORE; needs redis */
 
     /* Special flags, reported to the caller. */
     bool want_help;
