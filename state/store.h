@@ -51,10 +51,13 @@
  *                                    the listed nodes are seeds
  *
  * User and password are percent-decoded (%40 for '@'). IPv6 hosts go in
- * brackets ([::1]:6379). Give IP addresses (or names in /etc/hosts):
- * hiredis 0.14 resolves a host name with a blocking getaddrinfo() on the
- * loop. Logs: store.redis_down (warn) and store.redis_up (info), once per
- * transition.
+ * brackets ([::1]:6379). Hosts may be IP addresses or names; so may the
+ * addresses Sentinel and Cluster report. A name is looked up with
+ * uv_getaddrinfo() on libuv's threadpool, never on the loop, before each
+ * connection attempt (so a reconnect follows a changed DNS record); IPv4
+ * addresses are tried first, a failed attempt moves on to the next
+ * address. The lookup counts against timeout_ms. Logs: store.redis_down
+ * (warn) and store.redis_up (info), once per transition.
  *
  * Callbacks: every asynchronous call either fails at once (returns a
  * negative code, no callback ever) or returns 0 and calls its callback
@@ -149,6 +152,7 @@ struct store_stats {
     uint64_t reconnects; /* connections (re)established */
     uint64_t redirects;  /* MOVED/ASK followed (Cluster) */
     uint64_t failovers;  /* master changes followed (Sentinel) */
+    uint64_t resolves;   /* host name lookups started (threadpool) */
 };
 
 typedef void store_observe_cb(void *arg, int err, const struct store_result *res);

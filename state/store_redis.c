@@ -38,6 +38,7 @@
 #include "state/cluster.h"
 #include "state/key.h"
 #include "state/pack.h"
+#include "state/resolve.h"
 #include "state/store_link.h"
 #include "state/store_script.h"
 #include "state/store_url.h"
@@ -250,6 +251,9 @@ static void store_link_down(struct store_link *l)
     /* DESIGN inv. 6: sessions see QR_EUNAVAIL; the operator sees this. */
     if (l->state == STORE_LINK_READY && !l->is_sentinel)
         store_link_log(l, LOG_WARN, "store.redis_down");
+    if (l->state == STORE_LINK_CONNECTING)
+        l->addr_try++; /* this address failed: the next attempt tries the next one */
+    resolve_cancel(&l->resolving);
     l->state = STORE_LINK_DOWN;
     l->retry_at_ms = store_now_ms(st) + l->backoff_ms;
     l->backoff_ms =
@@ -258,7 +262,7 @@ static void store_link_down(struct store_link *l)
         /* Follow a failover: ask the sentinels again before reconnecting. */
         free(l->host);
         l->host = NULL;
-        if (st->sub != NULL && st->sub->ac != NULL)
+        if (st->sub != NULL && st->sub->state != STORE_LINK_DOWN)
             store_link_drop(st->sub);
     }
     if (l == st->sub && st->url.kind == STORE_URL_CLUSTER)
@@ -273,6 +277,10 @@ void store_link_drop(struct store_link *l)
 {
     redisAsyncContext *ac = l->ac;
 
+    if (l->state == STORE_LINK_RESOLVING) {
+        store_link_down(l);
+        return;
+    }
     if (ac == NULL)
         return;
     l->ac = NULL;
@@ -297,17 +305,18 @@ struct store_link *store_link_new(struct store *st, const char *host, int port)
     return l;
 }
 
-static void store_link_connect(struct store_link *l)
+/* Connect to the unix socket, or to addr (an IP literal: hiredis 0.14
+ * would resolve a name with a blocking getaddrinfo() on the loop). */
+static void store_link_connect_to(struct store_link *l, const char *addr)
 {
     struct store *st = l->st;
     redisAsyncContext *ac;
 
-    /* Note: hiredis resolves a host name with a blocking getaddrinfo();
-     * configure IP addresses (or /etc/hosts names) for Redis. */
-    ac = l->path ? redisAsyncConnectUnix(l->path) : redisAsyncConnect(l->host, l->port);
+    ac = l->path ? redisAsyncConnectUnix(l->path) : redisAsyncConnect(addr, l->port);
     if (ac == NULL || ac->err || redisLibuvAttach(ac, st->loop) != REDIS_OK) {
         if (ac != NULL)
             redisAsyncFree(ac);
+        l->addr_try++;
         store_link_down(l);
         return;
     }
@@ -318,6 +327,59 @@ static void store_link_connect(struct store_link *l)
     l->state = STORE_LINK_CONNECTING;
     l->retry_at_ms = store_now_ms(st) + st->timeout_ms; /* connect bound */
     st->stats.reconnects++;
+}
+
+/* The host name's addresses are known: connect to the next one to try. */
+static void store_on_resolved(void *arg, int err, const char (*addrs)[RESOLVE_ADDR_MAX], size_t n)
+{
+    struct store_link *l = arg;
+    struct store *st = l->st;
+
+    l->resolving = NULL;
+    if (err != 0) {
+        if (log_on(LOG_DEBUG)) {
+            struct log_line ll;
+
+            log_begin(&ll, LOG_DEBUG, "store.resolve_failed");
+            log_str(&ll, "redis", l->host);
+            log_str(&ll, "err", qr_strerror(err));
+            log_end(&ll);
+        }
+        store_link_down(l); /* DESIGN inv. 6: requests fail in bound meanwhile */
+        return;
+    }
+    /* The connect bound counts from the start of the lookup. */
+    if (store_now_ms(st) >= l->retry_at_ms) {
+        store_link_down(l);
+        return;
+    }
+    {
+        uint64_t bound = l->retry_at_ms;
+
+        store_link_connect_to(l, addrs[l->addr_try % n]);
+        if (l->state == STORE_LINK_CONNECTING)
+            l->retry_at_ms = bound;
+    }
+}
+
+/* Start a connection attempt: IP literals and unix sockets connect at once,
+ * a host name is looked up first, again on every attempt (issue 3: no
+ * blocking call on the loop; a name's new address is found on reconnect). */
+static void store_link_connect(struct store_link *l)
+{
+    struct store *st = l->st;
+
+    if (l->path != NULL || resolve_is_literal(l->host)) {
+        store_link_connect_to(l, l->host);
+        return;
+    }
+    if (resolve_start(st->loop, l->host, store_on_resolved, l, &l->resolving) != 0) {
+        store_link_down(l);
+        return;
+    }
+    l->state = STORE_LINK_RESOLVING;
+    l->retry_at_ms = store_now_ms(st) + st->timeout_ms; /* lookup + connect bound */
+    st->stats.resolves++;
 }
 
 int store_link_command(struct store_link *l, redisCallbackFn *cb, void *privdata, int argc,
@@ -485,8 +547,9 @@ static void store_link_tick(struct store_link *l, uint64_t now)
 {
     struct store *st = l->st;
 
-    if (l->state == STORE_LINK_CONNECTING && now >= l->retry_at_ms) {
-        store_link_drop(l); /* connect took longer than the request bound */
+    if ((l->state == STORE_LINK_CONNECTING || l->state == STORE_LINK_RESOLVING) &&
+        now >= l->retry_at_ms) {
+        store_link_drop(l); /* lookup + connect took longer than the request bound */
         return;
     }
     if (l->state != STORE_LINK_DOWN || now < l->retry_at_ms)
@@ -969,6 +1032,7 @@ void store_free(struct store **stp)
         struct store_link *l = st->links;
 
         st->links = l->next;
+        resolve_cancel(&l->resolving);
         if (l->ac != NULL) {
             redisAsyncContext *ac = l->ac;
 

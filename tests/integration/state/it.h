@@ -62,4 +62,10 @@ bool it_wait(bool *flag, uint64_t ms);
 /* Run the loop for ms. */
 void it_spin(uint64_t ms);
 
+/* gai_hook.c (linked into the test programs): host name lookups (not IP
+ * literals) seen by getaddrinfo() on the loop thread, and on any other
+ * thread (libuv's threadpool). */
+unsigned it_gai_names_on_loop(void);
+unsigned it_gai_names_elsewhere(void);
+
 #endif

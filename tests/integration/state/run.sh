@@ -39,7 +39,8 @@ mkdir -p "$OUT"
 IT=tests/integration/state
 # shellcheck disable=SC2086
 for prog in store_it deploy_it; do
-    cc -I. $WARN $OPT -D_DEFAULT_SOURCE -o "$OUT/$prog" "$IT/$prog.c" "$IT/it.c" "$IT/store_it_lib.c" "$LIBQR" $LIBS ||
+    cc -I. $WARN $OPT -D_DEFAULT_SOURCE -o "$OUT/$prog" "$IT/$prog.c" "$IT/it.c" "$IT/store_it_lib.c" \
+        "$IT/gai_hook.c" "$LIBQR" $LIBS ||
         fail_build "$prog"
 done
 
@@ -82,7 +83,7 @@ else
     QR_IT_MODE=unix run unix "$OUT/store_it" "$T/unix" basic inv1_flushall inv6_restart_reconnect
     QR_IT_MODE=auth run auth "$OUT/store_it" "$T/auth" basic pubsub inv6_restart_reconnect \
         auth_wrong_password
-    QR_IT_MODE=acl run acl "$OUT/store_it" "$T/acl" basic pubsub auth_wrong_password
+    QR_IT_MODE=acl run acl "$OUT/store_it" "$T/acl" basic pubsub auth_wrong_password dns_name_off_loop
     QR_IT_MODE=unixauth run unixauth "$OUT/store_it" "$T/unixauth" basic pubsub
     mkdir -p "$T/sentinel" "$T/cluster"
     run sentinel "$OUT/deploy_it" "$T/sentinel" sentinel

@@ -700,6 +700,96 @@ static bool t_wrong_password(void)
     return true;
 }
 
+/* Issue 3: no blocking call on the loop. A host name is looked up on
+ * libuv's threadpool (never by hiredis on the loop thread: gai_hook.c
+ * counts), again on each reconnect; an IP literal is never looked up. */
+static bool t_dns_name(void)
+{
+    char name_url[sizeof(url)];
+    const char *ip = strstr(url, "127.0.0.1");
+    unsigned on_loop = it_gai_names_on_loop(), pooled = it_gai_names_elsewhere();
+    struct store *st, *lit;
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_stats s0, s1;
+    struct store_obs *o = it_make(1, 50, 1, 0);
+
+    IT_CHECK(ip != NULL, "a TCP url: %s", url);
+    snprintf(name_url, sizeof(name_url), "%.*slocalhost%s", (int)(ip - url), url, ip + 9);
+    st = it_store(name_url, 3000, 0, 0);
+    IT_CHECK(st != NULL && store_mbox_new(st, "dns", 3, "INBOX", 5, 1, &mb) == 0, "store");
+    store_get_stats(st, &s0);
+    IT_CHECK(!store_is_up(st) && s0.resolves == 0 && s0.reconnects == 0,
+             "nothing happens inside store_new()");
+    IT_CHECK(it_store_up(st, 3000), "up by name: %s", name_url);
+    IT_CHECK(it_observe(mb, o, 50, true, &res) == 0 && res.n_new == 50, "observe");
+    IT_CHECK(it_info(mb, &info) == 0 && info.n_msgs == 50, "info");
+    store_get_stats(st, &s0);
+    IT_CHECK(it_gai_names_on_loop() == on_loop, "no lookup on the loop thread: %u",
+             it_gai_names_on_loop() - on_loop);
+    IT_CHECK(s0.resolves >= 2, "looked up for both links: %llu", (unsigned long long)s0.resolves);
+    IT_CHECK(it_gai_names_elsewhere() >= pooled + 2, "lookups on the threadpool: %u",
+             it_gai_names_elsewhere() - pooled);
+    /* A reconnect looks the name up again. */
+    it_srv_stop(&srv);
+    it_spin(100);
+    IT_CHECK(it_srv_restart(&srv), "restart");
+    IT_CHECK(it_store_up(st, 5000), "reconnected");
+    IT_CHECK(it_observe(mb, o, 50, true, &res) == 0, "observe after the restart");
+    store_get_stats(st, &s1);
+    IT_CHECK(s1.resolves > s0.resolves, "looked up again: %llu -> %llu",
+             (unsigned long long)s0.resolves, (unsigned long long)s1.resolves);
+    IT_CHECK(it_gai_names_on_loop() == on_loop, "still none on the loop thread");
+    /* IP literals: no lookup at all. */
+    lit = it_store(url, 3000, 0, 0);
+    IT_CHECK(lit != NULL && it_store_up(lit, 3000), "literal up");
+    store_get_stats(lit, &s1);
+    IT_CHECK(s1.resolves == 0, "literal looked up: %llu", (unsigned long long)s1.resolves);
+    it_store_free(&lit);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 6 with a resolver that hangs (800 ms in gai_hook.c): the
+ * request still fails within its bound, since the loop never waits for
+ * the lookup; a name that does not exist fails the same way. */
+static bool t_dns_slow(void)
+{
+    char bad[128];
+    struct store *st;
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 5, 1, 0);
+    uint64_t t0, t1;
+    int err;
+
+    snprintf(bad, sizeof(bad), "redis://slow.qr-test.invalid:%d", srv.port);
+    st = it_store(bad, 300, 0, 0);
+    IT_CHECK(st != NULL && store_mbox_new(st, "g", 1, "INBOX", 5, 1, &mb) == 0, "store");
+    t0 = clock_now_us();
+    err = it_observe(mb, o, 5, true, &res);
+    t1 = clock_now_us();
+    IT_CHECK(err == QR_EUNAVAIL, "err %d", err);
+    IT_CHECK(t1 - t0 >= 250000 && t1 - t0 < 700000, "bounded while the lookup hangs: %llu us",
+             (unsigned long long)(t1 - t0));
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    it_spin(1000); /* the abandoned lookups end and free themselves */
+    snprintf(bad, sizeof(bad), "redis://no-such-host.invalid:%d", srv.port);
+    st = it_store(bad, 300, 0, 0);
+    IT_CHECK(st != NULL && store_mbox_new(st, "g", 1, "INBOX", 5, 1, &mb) == 0, "store");
+    err = it_observe(mb, o, 5, true, &res);
+    IT_CHECK(err == QR_EUNAVAIL, "err %d", err);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    it_spin(50);
+    free(o);
+    return true;
+}
+
 /* ---- runner ---- */
 
 struct it_test {
@@ -722,6 +812,8 @@ static const struct it_test tests[] = {
     {"inv6_unreachable_bound", t_unreachable_bound},
     {"inv6_restart_reconnect", t_restart},
     {"auth_wrong_password", t_wrong_password},
+    {"dns_name_off_loop", t_dns_name},
+    {"inv6_dns_slow", t_dns_slow},
 };
 
 int store_it_main_standalone(int argc, char **argv, const char *mode);
