@@ -131,8 +131,8 @@ enum cap_where cap_find(const char *line, size_t len, size_t *off_out, size_t *l
     return CAP_CODE;
 }
 
-int cap_rewrite_line(const char *line, size_t len, struct buf *out, size_t limit,
-                     uint32_t *bits_out)
+int cap_rewrite_line(const char *line, size_t len, bool add_condstore, struct buf *out,
+                     size_t limit, uint32_t *bits_out)
 {
     size_t off, list_len;
     int rc;
@@ -157,6 +157,15 @@ int cap_rewrite_line(const char *line, size_t len, struct buf *out, size_t limit
         if (rc == 0)
             rc = buf_append(out, line + start, i - start, limit);
         first = false;
+    }
+    /* RFC 7162 §3.2.3 wants ENABLE with QRESYNC; CONDSTORE clients use it
+     * too (EN-01, U5). X13: an upstream that has CONDSTORE itself is
+     * passed through as it is. */
+    if (add_condstore && !(*bits_out & CAP_CONDSTORE)) {
+        if (rc == 0)
+            rc = buf_append(out, first ? "CONDSTORE" : " CONDSTORE", first ? 9 : 10, limit);
+        if (rc == 0 && !(*bits_out & CAP_ENABLE))
+            rc = buf_append(out, " ENABLE", 7, limit);
     }
     if (rc == 0)
         rc = buf_append(out, line + end, len - end, limit);

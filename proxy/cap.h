@@ -6,11 +6,13 @@
  * them goes through cap_rewrite_line(), so what the proxy offers is decided
  * here only (X12: advertise nothing that cannot be served end to end).
  *
- * Today the proxy removes what it cannot carry and adds nothing:
+ * The proxy removes what it cannot carry, and adds CONDSTORE (with ENABLE
+ * where missing) for sessions that get it (add_condstore):
  *   - COMPRESS=* (the proxy reads every byte; a compressed stream would be
  *     opaque to it),
  *   - STARTTLS (until the proxy terminates TLS itself).
- * CONDSTORE and QRESYNC are added only once they work end to end.
+ * add_condstore is decided once per session (CS-01, DESIGN inv. 6), and
+ * never adds to an upstream that has CONDSTORE itself (X13).
  *
  * Pure code: no I/O, no allocation except through the caller's struct buf.
  */
@@ -61,11 +63,12 @@ enum cap_where {
 enum cap_where cap_find(const char *line, size_t len, size_t *off_out, size_t *len_out);
 
 /* Rewrite the list in a response line: copy line to out with the list
- * replaced by the proxy's own. *bits_out receives the upstream's bits (as
+ * replaced by the proxy's own (add_condstore: CONDSTORE, and ENABLE where
+ * the upstream lacks it, appended). *bits_out receives the upstream's bits (as
  * cap_parse of the original list). Returns 0, or QR_ELIMIT/QR_ENOMEM from
  * growing out beyond limit, or QR_EINVAL when the line holds no list. */
-QR_MUST_CHECK int cap_rewrite_line(const char *line, size_t len, struct buf *out, size_t limit,
-                                   uint32_t *bits_out);
+QR_MUST_CHECK int cap_rewrite_line(const char *line, size_t len, bool add_condstore,
+                                   struct buf *out, size_t limit, uint32_t *bits_out);
 
 /* True when the proxy withholds this capability atom from clients. */
 bool cap_is_withheld(const char *atom, size_t len);

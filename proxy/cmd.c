@@ -8,10 +8,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "common/log.h"
 #include "common/xalloc.h"
 #include "proxy/cap.h"
+#include "proxy/sync.h"
 
 /* --------------------------------------------------------- pending FIFO */
 
@@ -126,6 +128,56 @@ static enum cmd_kind cmd_kind_of(const char *name)
     return CMD_OTHER;
 }
 
+/* Arguments of the commands the proxy rewrites for CONDSTORE: SELECT and
+ * EXAMINE (mailbox, and the CONDSTORE select parameter with the bytes it
+ * takes, CS-24) and ENABLE (which names are the proxy's, EN-01). */
+static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
+{
+    struct side *sd = &s->cli;
+    size_t from = sd->seg_off - sd->ev_used;
+
+    if (strcmp(s->name, "ENABLE") == 0) {
+        if (ev->kind != TOK_ATOM)
+            return;
+        s->en_n++;
+        if ((ev->len == 9 && strncasecmp(ev->data, "CONDSTORE", 9) == 0)) {
+            s->en_condstore = true;
+            return;
+        }
+        if (s->en_other.len > 0)
+            (void)buf_append(&s->en_other, " ", 1, 4096);
+        (void)buf_append(&s->en_other, ev->data, ev->len, 4096);
+        return;
+    }
+    if (strcmp(s->name, "SELECT") != 0 && strcmp(s->name, "EXAMINE") != 0)
+        return;
+    if (sd->ntok == 2) {
+        if (ev->kind == TOK_ATOM || ev->kind == TOK_QUOTED || ev->kind == TOK_NUMBER)
+            s->arg_mbox = xmemdup(ev->data, ev->len), s->arg_mbox_len = ev->len;
+        return;
+    }
+    if (ev->kind == TOK_LIST_OPEN && ev->depth == 1 && sd->ntok == 3) {
+        s->in_params = true;
+        s->params_from = from;
+        return;
+    }
+    if (!s->in_params)
+        return;
+    if (ev->kind == TOK_LIST_CLOSE && ev->depth == 0) {
+        s->in_params = false;
+        s->params_to = sd->seg_off;
+        return;
+    }
+    if (ev->kind == TOK_ATOM && sd->tok_list_depth_hint == 1) {
+        s->n_params++;
+        if (ev->len == 9 && strncasecmp(ev->data, "CONDSTORE", 9) == 0) {
+            s->has_cs_param = true;
+            s->cs_from = from;
+            s->cs_to = sd->seg_off;
+        }
+    }
+}
+
 void cmd_on_event(struct sess *s, const struct tok_ev *ev)
 {
     struct side *sd = &s->cli;
@@ -134,9 +186,16 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         return;
     if (ev->kind == TOK_LIT_START)
         sd->last_lit_sync = ev->is_sync;
+    if (sd->ntok >= 2)
+        cmd_args_event(s, ev);
     switch (sd->ntok++) {
     case 0:
         sd->tag_end = sd->seg_off;
+        free(s->arg_mbox);
+        s->arg_mbox = NULL;
+        s->in_params = s->has_cs_param = s->en_condstore = false;
+        s->n_params = s->en_n = 0;
+        buf_clear(&s->en_other, 256);
         s->tag_ok =
             (ev->kind == TOK_ATOM || ev->kind == TOK_NUMBER) && tag_mappable(ev->data, ev->len);
         free(s->tag);
@@ -179,6 +238,22 @@ static void cmd_answer(struct sess *s, const char *text)
     s->cur_started = true;
 }
 
+/* A local answer with untagged lines before its tagged completion. */
+static void cmd_answer_lines(struct sess *s, const char *untagged, const char *text)
+{
+    pending_local(s, s->tag, s->tag_len, text);
+    struct pending *p = s->tail;
+    size_t ul = strlen(untagged);
+    char *both = xmalloc(ul + p->local_len);
+    memcpy(both, untagged, ul);
+    memcpy(both + ul, p->local, p->local_len);
+    free(p->local);
+    p->local = both;
+    p->local_len += ul;
+    cmd_pending_retire(s);
+    s->cur_started = true;
+}
+
 /* Refuse the client line whose first segment is b: answer it locally and
  * drop the rest of the line. */
 static void cmd_refuse(struct sess *s, const char *text, bool ended_in_literal)
@@ -194,6 +269,109 @@ static void cmd_refuse(struct sess *s, const char *text, bool ended_in_literal)
         return;
     }
     sd->is_discarding = true;
+}
+
+/* Send a command upstream under a fresh proxy tag: "Q<n>" then the parts. */
+static struct pending *cmd_send(struct sess *s, enum cmd_kind kind, struct buf_chunk *c,
+                                const char *p1, size_t n1, const char *p2, size_t n2)
+{
+    struct pending *p = pending_add(s, kind, s->tag, s->tag_len);
+    p->up_tag = ++s->next_tag;
+    s->cur = p;
+    s->cur_started = true;
+    s->last_kind = kind;
+
+    char tag[24];
+    int n = snprintf(tag, sizeof(tag), "Q%llu", (unsigned long long)p->up_tag);
+    int rc = outq_copy(&s->up.out, tag, (size_t)n);
+    if (rc == 0)
+        rc = sess_emit(&s->up, c, p1, n1);
+    if (rc == 0)
+        rc = sess_emit(&s->up, c, p2, n2);
+    if (rc < 0)
+        sess_fail(s, rc, "queue");
+    return p;
+}
+
+struct pending *cmd_internal(struct sess *s, const char *text)
+{
+    struct pending *p = pending_add(s, CMD_INTERNAL, "", 0);
+    p->up_tag = ++s->next_tag;
+    p->is_internal = true;
+
+    char line[128];
+    int n = snprintf(line, sizeof(line), "Q%llu %s\r\n", (unsigned long long)p->up_tag, text);
+    sess_send(&s->up, NULL, line, (size_t)n);
+    if (log_on(LOG_DEBUG)) {
+        struct log_line l;
+        log_begin(&l, LOG_DEBUG, "command.internal");
+        log_hex(&l, "sid", s->id);
+        log_str(&l, "cmd", text);
+        log_u64(&l, "up_tag", p->up_tag);
+        log_end(&l);
+    }
+    return p;
+}
+
+/* ENABLE for a session offered CONDSTORE (RFC 5161; EN-01..EN-04, X1):
+ * the proxy owns CONDSTORE; other names go to an upstream that has ENABLE
+ * (its `* ENABLED` gets CONDSTORE added, proxy/rsp.c), and are dropped
+ * otherwise (EN-03). One `* ENABLED` line either way. */
+static void cmd_enable(struct sess *s, bool ended_in_literal)
+{
+    if (!s->is_logged_in) {
+        cmd_refuse(s, "BAD ENABLE is valid only after authentication", ended_in_literal);
+        return;
+    }
+    if (s->en_n == 0 || ended_in_literal) {
+        cmd_refuse(s, "BAD Missing or invalid capability names", ended_in_literal);
+        return;
+    }
+    bool newly = s->en_condstore && !s->is_condstore;
+    if (s->en_condstore)
+        s->is_condstore = true; /* CS-20; lasts the session (EN-05) */
+    if (s->en_other.len > 0 && (s->up_caps & CAP_ENABLE)) {
+        struct buf line = {0};
+        if (buf_append(&line, " ENABLE ", 8, SIZE_MAX) < 0 ||
+            buf_append(&line, s->en_other.p, s->en_other.len, SIZE_MAX) < 0 ||
+            buf_append(&line, "\r\n", 2, SIZE_MAX) < 0) {
+            buf_fini(&line);
+            sess_fail(s, QR_ENOMEM, "enable");
+            return;
+        }
+        struct pending *p = cmd_send(s, CMD_ENABLE, NULL, line.p, line.len, NULL, 0);
+        p->adds_condstore = newly;
+        buf_fini(&line);
+        return;
+    }
+    cmd_answer_lines(s, newly ? "* ENABLED CONDSTORE\r\n" : "* ENABLED\r\n", "OK ENABLE completed");
+}
+
+/* SELECT/EXAMINE as a CONDSTORE selection (CS-24, CS-30): the CONDSTORE
+ * parameter is removed (the whole list when it was alone: `SELECT x ()` is
+ * invalid) and proxy/sync.c takes over the answer. */
+static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_t len)
+{
+    struct side *sd = &s->cli;
+    size_t from = 0, to = 0;
+
+    s->is_condstore = true; /* CS-24: enabling from this very SELECT */
+    if (s->has_cs_param) {
+        if (s->n_params == 1) {
+            from = s->params_from;
+            to = s->params_to;
+        } else {
+            from = s->cs_from;
+            to = s->cs_to;
+            if (from > 0 && b[from - 1] == '(' && to < len && b[to] == ' ')
+                to++; /* "(CONDSTORE X)" -> "(X)" */
+        }
+    }
+    if (to <= from || to > len || from < sd->tag_end)
+        from = to = len;
+    struct pending *p =
+        cmd_send(s, CMD_SELECT, c, b + sd->tag_end, from - sd->tag_end, b + to, len - to);
+    sync_select_sent(s, p, s->arg_mbox, s->arg_mbox_len);
 }
 
 /* The first segment of a client command: give it the proxy's tag and send
@@ -220,6 +398,17 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
     if ((strcmp(s->name, "STARTTLS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_STARTTLS))) ||
         (strcmp(s->name, "COMPRESS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_COMPRESS)))) {
         cmd_refuse(s, "BAD Command not supported", ended_in_literal);
+        return;
+    }
+
+    if (s->offers_condstore && strcmp(s->name, "ENABLE") == 0) {
+        cmd_enable(s, ended_in_literal);
+        return;
+    }
+    if (s->offers_condstore && s->is_logged_in && !ended_in_literal &&
+        (strcmp(s->name, "SELECT") == 0 || strcmp(s->name, "EXAMINE") == 0) &&
+        (s->is_condstore || s->has_cs_param) && !s->in_params) {
+        cmd_select(s, c, b, len);
         return;
     }
 

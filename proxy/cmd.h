@@ -31,6 +31,10 @@ struct pending *cmd_pending_find(struct sess *s, uint64_t up_tag);
  * that have become due. */
 void cmd_pending_retire(struct sess *s);
 
+/* Send the proxy's own command text upstream (no CRLF in text); its
+ * responses never reach the client (proxy/rsp.c). */
+struct pending *cmd_internal(struct sess *s, const char *text);
+
 /* Free the whole FIFO (session teardown). */
 void cmd_pending_free_all(struct sess *s);
 

@@ -10,6 +10,8 @@
 #include "common/log.h"
 #include "proxy/cap.h"
 #include "proxy/cmd.h"
+#include "proxy/sync.h"
+#include "state/store.h"
 
 static bool word_is(const char *p, size_t len, const char *w)
 {
@@ -39,6 +41,73 @@ static void rsp_emit_head(struct sess *s, struct buf_chunk *c, const char *b, si
     sess_send(&s->cli, c, b + skip, len - skip);
 }
 
+enum fp_want { FP_NONE = 0, FP_NAME, FP_UID, FP_FLAGS, FP_SKIP };
+
+/* The split ENABLE whose `* ENABLED` must also name CONDSTORE, if any. */
+static struct pending *rsp_enable_merge(struct sess *s)
+{
+    for (struct pending *p = s->head; p != NULL; p = p->next) {
+        if (p->kind == CMD_ENABLE && p->adds_condstore && !p->is_done)
+            return p;
+    }
+    return NULL;
+}
+
+static bool is_status_word(const char *p, size_t len)
+{
+    return word_is(p, len, "OK") || word_is(p, len, "NO") || word_is(p, len, "BAD") ||
+           word_is(p, len, "BYE") || word_is(p, len, "PREAUTH");
+}
+
+/* The items of a FETCH response the proxy reads for itself (UID, FLAGS),
+ * one token at a time: names and values alternate at depth 1; a value may
+ * be a list (FLAGS, or skipped), a literal or a single token. */
+static void rsp_fetch_item(struct sess *s, const struct tok_ev *ev)
+{
+    if (ev->kind == TOK_LIST_OPEN && ev->depth == 1 && s->fp_want == FP_NONE) {
+        s->fp_want = FP_NAME;
+        return;
+    }
+    switch (s->fp_want) {
+    case FP_NAME:
+        if (ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UID"))
+            s->fp_want = FP_UID;
+        else if (ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "FLAGS"))
+            s->fp_want = FP_FLAGS;
+        else if (ev->kind != TOK_LIST_CLOSE)
+            s->fp_want = FP_SKIP;
+        break;
+    case FP_UID:
+        s->fp_uid = ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX ? (uint32_t)ev->num : 0;
+        s->fp_want = FP_NAME;
+        break;
+    case FP_FLAGS:
+        if (ev->kind == TOK_ATOM) {
+            if (s->fp_flags.len > 0 && buf_append(&s->fp_flags, " ", 1, STORE_FLAGS_MAX) < 0)
+                break;
+            (void)buf_append(&s->fp_flags, ev->data, ev->len, STORE_FLAGS_MAX);
+        } else if (ev->kind == TOK_LIST_CLOSE && ev->depth == 1) {
+            s->fp_want = FP_NAME;
+        }
+        break;
+    case FP_SKIP:
+        if (ev->kind == TOK_LIST_OPEN && ev->depth > 1)
+            break; /* a list value: skipped until it closes */
+        if (ev->kind == TOK_LIST_CLOSE && ev->depth > 1)
+            break;
+        if (ev->kind == TOK_LIST_CLOSE && ev->depth == 1) {
+            s->fp_want = FP_NAME;
+            break;
+        }
+        if (s->up.tok_list_depth_hint > 1)
+            break;
+        s->fp_want = FP_NAME;
+        break;
+    default:
+        break;
+    }
+}
+
 void rsp_on_event(struct sess *s, const struct tok_ev *ev)
 {
     struct side *sd = &s->up;
@@ -49,8 +118,13 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
     case 0:
         sd->tag_end = sd->seg_off;
         s->rl_cap = s->rl_code = s->rl_tag_sent = false;
-        s->rl_status[0] = '\0';
+        s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
+        s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
+        if (!s->saw_greeting)
+            /* Decided once per session (CS-01, DESIGN inv. 6). */
+            s->offers_condstore =
+                s->ctx->cfg->condstore && s->ctx->store != NULL && store_is_up(s->ctx->store);
         if (word_is(ev->data, ev->len, "*")) {
             s->rl_kind = RL_UNTAGGED;
         } else if (word_is(ev->data, ev->len, "+")) {
@@ -74,23 +148,58 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
             memcpy(s->rl_status, ev->data, ev->len);
             s->rl_status[ev->len] = '\0';
         }
-        if (s->rl_kind == RL_UNTAGGED) {
-            if (word_is(ev->data, ev->len, "CAPABILITY"))
-                s->rl_cap = true;
-            else if (!word_is(ev->data, ev->len, "OK") && !word_is(ev->data, ev->len, "NO") &&
-                     !word_is(ev->data, ev->len, "BAD") && !word_is(ev->data, ev->len, "BYE") &&
-                     !word_is(ev->data, ev->len, "PREAUTH"))
-                sd->is_streaming = true; /* FETCH, SEARCH, LIST, EXISTS...: passed as is */
+        if (s->rl_kind != RL_UNTAGGED)
+            break;
+        if (ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX) {
+            s->rl_num = (uint32_t)ev->num;
+            s->rl_has_num = true;
+            /* `* n FETCH` may be the snapshot's: decided on the next word. */
+            if (!sync_swallows_fetch(s))
+                sd->is_streaming = true;
+        } else if (word_is(ev->data, ev->len, "CAPABILITY")) {
+            s->rl_cap = true;
+        } else if (word_is(ev->data, ev->len, "ENABLED") && rsp_enable_merge(s) != NULL) {
+            s->rl_enabled = true; /* held to its end: CONDSTORE joins it (X1) */
+        } else if (!is_status_word(ev->data, ev->len)) {
+            sd->is_streaming = true; /* SEARCH, LIST, FLAGS...: passed as is */
         }
         break;
     case 2:
         s->rl_code = ev->kind == TOK_SECT_OPEN;
+        if (s->rl_has_num && ev->kind == TOK_ATOM && ev->len < sizeof(s->rl_word2)) {
+            for (size_t i = 0; i < ev->len; i++)
+                s->rl_word2[i] = (char)(ev->data[i] >= 'a' && ev->data[i] <= 'z' ? ev->data[i] - 32
+                                                                                 : ev->data[i]);
+            s->rl_word2[ev->len] = '\0';
+        }
+        if (s->rl_has_num && !sd->is_streaming) {
+            if (strcmp(s->rl_word2, "FETCH") == 0) {
+                s->rl_swallow = true; /* the internal snapshot's data */
+                s->fp_want = FP_NONE;
+                s->fp_uid = 0;
+                buf_clear(&s->fp_flags, 4096);
+            } else {
+                sd->is_streaming = true;
+            }
+        }
         break;
     case 3:
         if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "CAPABILITY"))
             s->rl_cap = true;
+        if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UIDVALIDITY"))
+            s->rl_uidvalidity = true;
+        if (s->rl_swallow)
+            rsp_fetch_item(s, ev);
+        break;
+    case 4:
+        if (s->rl_uidvalidity && ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX)
+            sync_uidvalidity(s, (uint32_t)ev->num);
+        if (s->rl_swallow)
+            rsp_fetch_item(s, ev);
         break;
     default:
+        if (s->rl_swallow)
+            rsp_fetch_item(s, ev);
         break;
     }
 }
@@ -107,6 +216,10 @@ static void rsp_line_done(struct sess *s)
     }
     if (s->rl_kind == RL_UNTAGGED && strcasecmp(s->rl_status, "BYE") == 0)
         s->saw_up_bye = true;
+    if (s->rl_has_num && strcmp(s->rl_word2, "EXISTS") == 0)
+        sync_exists(s, s->rl_num);
+    if (s->rl_swallow)
+        sync_fetch_data(s, s->rl_num, s->fp_uid, s->fp_flags.p, s->fp_flags.len);
 
     if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) &&
         (s->last_kind == CMD_AUTHENTICATE || s->last_kind == CMD_IDLE)) {
@@ -132,6 +245,8 @@ static void rsp_line_done(struct sess *s)
         if (p->kind == CMD_AUTHENTICATE || p->kind == CMD_IDLE)
             s->raw_lines = 0;
         p->is_done = true;
+        if (p->kind == CMD_SELECT || p->kind == CMD_INTERNAL)
+            sync_completed(s, p, ok);
         cmd_pending_retire(s);
     } else if (s->rl_kind == RL_TAGGED) {
         struct log_line l;
@@ -143,21 +258,67 @@ static void rsp_line_done(struct sess *s)
     s->rl_cmd = NULL;
 }
 
+/* A whole tagged line the session keeps or drops instead of relaying:
+ * the proxy's own commands, and a CONDSTORE SELECT's completion, which
+ * waits for HIGHESTMODSEQ (proxy/sync.c). */
+static bool rsp_keep_tagged(struct sess *s, const char *b, size_t len)
+{
+    struct pending *p = s->rl_cmd;
+
+    if (s->rl_kind != RL_TAGGED || p == NULL)
+        return false;
+    if (p->kind == CMD_INTERNAL)
+        return true;
+    if (!sync_holds_tagged(s, p))
+        return false;
+    size_t skip = s->up.tag_end < len ? s->up.tag_end : len;
+    struct buf line = {0};
+    if (buf_append(&line, p->tag, p->tag_len, SIZE_MAX) < 0 ||
+        buf_append(&line, b + skip, len - skip, SIZE_MAX) < 0)
+        sess_fail(s, QR_ENOMEM, "held completion");
+    else
+        sync_keep_tagged(s, line.p, line.len);
+    buf_fini(&line);
+    return true;
+}
+
 /* A complete segment of an upstream line, b[0..len). */
 void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len, bool is_eol)
 {
     struct side *sd = &s->up;
 
-    if (sd->is_streaming || !s->rl_cap || !is_eol || sd->ntok < 2) {
+    if (s->rl_swallow) {
+        /* the proxy's own data */
+    } else if (is_eol && s->rl_enabled) {
+        /* EN-02, X1: one ENABLED line names the upstream's and the proxy's. */
+        struct pending *p = rsp_enable_merge(s);
+        size_t body = len;
+        while (body > 0 && (b[body - 1] == '\n' || b[body - 1] == '\r'))
+            body--;
+        sess_send(&s->cli, c, b, body);
+        sess_send(&s->cli, NULL, " CONDSTORE\r\n", 12);
+        if (p != NULL)
+            p->adds_condstore = false;
+    } else if (is_eol && s->rl_kind == RL_TAGGED && s->rl_cmd != NULL &&
+               s->rl_cmd->kind == CMD_ENABLE && s->rl_cmd->adds_condstore) {
+        /* The upstream sent no ENABLED of its own. */
+        sess_send(&s->cli, NULL, "* ENABLED CONDSTORE\r\n", 22);
+        s->rl_cmd->adds_condstore = false;
+        rsp_emit_head(s, c, b, len);
+    } else if (is_eol && !sd->is_streaming && rsp_keep_tagged(s, b, len)) {
+        /* kept */
+    } else if (sd->is_streaming || !s->rl_cap || !is_eol || sd->ntok < 2) {
         rsp_emit_head(s, c, b, len);
     } else {
         /* One function decides every capability list a client sees. */
         struct buf tmp = {0};
         uint32_t bits;
-        int rc = cap_rewrite_line(b, len, &tmp, len + 64, &bits);
+        int rc = cap_rewrite_line(b, len, s->offers_condstore, &tmp, len + 64, &bits);
         if (rc == 0) {
             s->up_caps = bits;
             s->knows_up_caps = true;
+            if (bits & CAP_CONDSTORE)
+                s->offers_condstore = false; /* X13: the upstream's own */
             rsp_emit_head(s, NULL, tmp.p, tmp.len);
         } else if (rc == QR_EINVAL)
             rsp_emit_head(s, c, b, len);

@@ -11,6 +11,7 @@
 #include "proxy/cmd.h"
 #include "proxy/outq.h"
 #include "proxy/rsp.h"
+#include "proxy/sync.h"
 #include "proxy/sess_types.h"
 
 #define MIN_READ_ROOM 4096 /* start a new chunk below this much room */
@@ -20,6 +21,7 @@
 
 static void side_update_reading(struct side *sd);
 static void side_flush(struct side *sd);
+static void sess_ctx_maybe_free_store(struct sess_ctx *ctx);
 
 void sess_fail(struct sess *s, int err, const char *what)
 {
@@ -152,6 +154,7 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
         }
         pos += used;
         sd->seg_off += used;
+        sd->ev_used = rc == TOK_EVENT ? used : 0;
         if (rc == TOK_MORE)
             break;
         if (rc < 0) {
@@ -167,6 +170,8 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
             sess_fail(s, rc, tok_strerror(rc));
             return;
         }
+        if (ev.kind == TOK_LIST_OPEN || ev.kind == TOK_LIST_CLOSE)
+            sd->tok_list_depth_hint = ev.depth;
         bool was_streaming = sd->is_streaming;
         if (is_cli)
             cmd_on_event(s, &ev);
@@ -206,7 +211,7 @@ void sess_release(struct side *sd)
 {
     struct sess *s = sd->s;
 
-    if (!sd->is_held || s->is_closing)
+    if (s->is_closing)
         return;
     sd->is_held = false;
     struct buf_chunk *c = sd->held_chunk;
@@ -397,7 +402,13 @@ static void on_handle_closed(uv_handle_t *h)
     free(s->user_cand);
     free(s->user);
     free(s->tag);
+    free(s->arg_mbox);
+    buf_fini(&s->en_other);
+    buf_fini(&s->fp_flags);
+    sync_fini(s);
     free(s);
+    ctx->n_alloc--;
+    sess_ctx_maybe_free_store(ctx);
 }
 
 static void sess_log_close(struct sess *s, const char *reason)
@@ -618,7 +629,9 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server)
     }
 
     struct sess *s = xcalloc(1, sizeof(*s));
+    ctx->n_alloc++;
     s->ctx = ctx;
+    sync_init(s);
     s->id = ++ctx->next_id;
     s->t_open = uv_now(ctx->loop);
     side_init(s, &s->cli, TOK_CLIENT, &ctx->cli_lim);
@@ -671,6 +684,7 @@ void sess_shutdown_all(struct sess_ctx *ctx)
         }
         sess_drain(s, "shutdown");
     }
+    sess_ctx_maybe_free_store(ctx);
 }
 
 int sess_ctx_init(struct sess_ctx *ctx, uv_loop_t *loop, const struct cfg *cfg, char *err,
@@ -697,10 +711,28 @@ int sess_ctx_init(struct sess_ctx *ctx, uv_loop_t *loop, const struct cfg *cfg, 
     }
     memcpy(&ctx->up_addr, res->ai_addr, res->ai_addrlen);
     freeaddrinfo(res);
+    if (cfg->redis != NULL) {
+        struct store_opts so = {0};
+        so.url = cfg->redis;
+        rc = store_new(loop, &so, &ctx->store);
+        if (rc < 0) {
+            snprintf(err, errlen, "redis: %s", qr_strerror(rc));
+            return rc;
+        }
+    }
     return 0;
+}
+
+/* During shutdown the store goes once no session can use it any more. */
+static void sess_ctx_maybe_free_store(struct sess_ctx *ctx)
+{
+    if (ctx->is_shutting_down && ctx->n_alloc == 0 && ctx->store != NULL)
+        store_free(&ctx->store);
 }
 
 void sess_ctx_fini(struct sess_ctx *ctx)
 {
+    if (ctx->store != NULL)
+        store_free(&ctx->store);
     buf_pool_fini(&ctx->pool);
 }

@@ -44,6 +44,7 @@
 #include "common/cfg.h"
 #include "common/err.h"
 #include "common/tok.h"
+#include "state/store.h"
 
 struct sess;
 
@@ -58,7 +59,10 @@ struct sess_ctx {
     uint64_t next_id;
     size_t n_sess;
     struct sess *all; /* every live session, for shutdown */
+    size_t n_alloc;   /* session objects not yet freed */
     bool is_shutting_down;
+    struct store *store; /* the state store, NULL without redis; freed
+                            after the last session object (store_free) */
 };
 
 /* Set up ctx for cfg (which must outlive it). Resolves the upstream

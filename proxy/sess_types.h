@@ -29,7 +29,10 @@ enum cmd_kind {
     CMD_AUTHENTICATE,
     CMD_IDLE,
     CMD_LOGOUT,
-    CMD_LOCAL, /* answered by the proxy */
+    CMD_LOCAL,    /* answered by the proxy */
+    CMD_SELECT,   /* a CONDSTORE SELECT/EXAMINE (proxy/sync.c) */
+    CMD_ENABLE,   /* an ENABLE whose upstream part went upstream */
+    CMD_INTERNAL, /* the proxy's own command: nothing reaches the client */
 };
 
 /* A command sent upstream, or a local answer waiting for its turn. */
@@ -38,7 +41,9 @@ struct pending {
     uint64_t up_tag; /* 0 for local answers */
     enum cmd_kind kind;
     bool is_done;
-    char *local; /* local answer: whole line(s) to send, or NULL */
+    bool is_internal;    /* the proxy's own command */
+    bool adds_condstore; /* ENABLE: CONDSTORE joins the upstream's ENABLED */
+    char *local;         /* local answer: whole line(s) to send, or NULL */
     size_t local_len;
     size_t tag_len;
     char tag[]; /* the client's tag */
@@ -64,6 +69,8 @@ struct side {
     bool is_streaming;  /* upstream: line decided, emitted as consumed */
     bool is_discarding; /* client: refused line being dropped to its end */
     bool last_lit_sync;
+    unsigned tok_list_depth_hint; /* list depth after the last list event */
+    size_t ev_used;               /* bytes the last event consumed */
     /* Held by a stage (e.g. waiting for the state store): input is not
      * processed; what was read but not yet processed waits here. */
     bool is_held;
@@ -119,6 +126,34 @@ struct sess {
     bool rl_code;
     bool rl_tag_sent;
     char rl_status[8];
+    uint32_t rl_num; /* `* n WORD ...`: n */
+    bool rl_has_num;
+    char rl_word2[12]; /* that WORD: FETCH, EXISTS, EXPUNGE... */
+    bool rl_swallow;   /* the line is the proxy's own data: not relayed */
+    bool rl_uidvalidity;
+    bool rl_enabled; /* `* ENABLED` of a split ENABLE */
+    /* FETCH items being read (internal snapshot, CONDSTORE) */
+    uint8_t fp_want;
+    uint32_t fp_uid;
+    struct buf fp_flags;
+
+    /* CONDSTORE (RFC 7162): proxy/sync.c */
+    bool offers_condstore; /* decided at the greeting (CS-01, inv. 6) */
+    bool is_condstore;     /* an enabling command was accepted (CS-20) */
+    struct sync *sync;     /* selection state, allocated on first use */
+
+    /* What the command stage reads of SELECT/EXAMINE and ENABLE. */
+    char *arg_mbox; /* SELECT's mailbox as sent, NULL if a literal */
+    size_t arg_mbox_len;
+    bool in_params;        /* inside SELECT's parameter list */
+    bool has_cs_param;     /* CONDSTORE among them (CS-24) */
+    unsigned n_params;     /* items in the list */
+    size_t params_from;    /* the list's bytes in the first segment, */
+    size_t params_to;      /* its leading space included */
+    size_t cs_from, cs_to; /* the CONDSTORE item's bytes */
+    bool en_condstore;     /* ENABLE named CONDSTORE (or QRESYNC) */
+    unsigned en_n;         /* ENABLE's arguments */
+    struct buf en_other;   /* the names the proxy does not own */
 
     char peer[64];
 };

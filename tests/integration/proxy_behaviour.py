@@ -46,14 +46,14 @@ def rss_kib(pid):
 class Proxy:
     """One qresyncd process, stopped by its PID."""
 
-    def __init__(self, *args, host="127.0.0.1"):
+    def __init__(self, *args, host="127.0.0.1", upstream=None):
         self.port = free_port()
         self.host = host
         listen = "[%s]:%d" % (host, self.port) if ":" in host else "%s:%d" % (host, self.port)
         self.log_path = os.path.join(TMP, "proxy-%d.log" % self.port)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [QRESYNCD, "--listen", listen, "--upstream", "127.0.0.1:%d" % UP_PORT,
+            [QRESYNCD, "--listen", listen, "--upstream", "127.0.0.1:%d" % (upstream or UP_PORT),
              "--log-level", "debug"] + list(args),
             stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.time() + 10

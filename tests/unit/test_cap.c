@@ -8,7 +8,7 @@
 static char *rewrite(const char *line, uint32_t *bits)
 {
     struct buf out = {0};
-    int rc = cap_rewrite_line(line, strlen(line), &out, 4096, bits);
+    int rc = cap_rewrite_line(line, strlen(line), false, &out, 4096, bits);
     cr_assert_eq(rc, 0, "rewrite of %s failed: %d", line, rc);
     char *s = strndup(out.p, out.len);
     buf_fini(&out);
@@ -76,7 +76,7 @@ Test(cap, lines_without_a_list_are_not_touched)
         cr_assert_eq(cap_find(lines[i], strlen(lines[i]), &off, &len), CAP_NONE, "%s", lines[i]);
     struct buf out = {0};
     uint32_t bits;
-    cr_assert_eq(cap_rewrite_line(lines[0], strlen(lines[0]), &out, 100, &bits), QR_EINVAL);
+    cr_assert_eq(cap_rewrite_line(lines[0], strlen(lines[0]), false, &out, 100, &bits), QR_EINVAL);
     buf_fini(&out);
 }
 
@@ -97,6 +97,37 @@ Test(cap, rewrite_respects_limit)
     struct buf out = {0};
     uint32_t bits;
     const char *l = "* CAPABILITY IMAP4rev1 IDLE\r\n";
-    cr_assert_eq(cap_rewrite_line(l, strlen(l), &out, 8, &bits), QR_ELIMIT);
+    cr_assert_eq(cap_rewrite_line(l, strlen(l), false, &out, 8, &bits), QR_ELIMIT);
     buf_fini(&out);
+}
+
+static char *rewrite_cs(const char *line)
+{
+    struct buf out = {0};
+    uint32_t bits;
+    cr_assert_eq(cap_rewrite_line(line, strlen(line), true, &out, 4096, &bits), 0);
+    char *s = strndup(out.p, out.len);
+    buf_fini(&out);
+    return s;
+}
+
+Test(cap, cs01_condstore_added_in_every_place)
+{
+    char *s = rewrite_cs("* CAPABILITY IMAP4rev1 IDLE\r\n");
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 IDLE CONDSTORE ENABLE\r\n");
+    free(s);
+    s = rewrite_cs("* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n");
+    cr_assert_str_eq(s, "* OK [CAPABILITY IMAP4rev1 CONDSTORE ENABLE] ready\r\n");
+    free(s);
+    s = rewrite_cs("a OK [CAPABILITY IMAP4rev1 ENABLE UTF8=ACCEPT] Logged in\r\n");
+    cr_assert_str_eq(s, "a OK [CAPABILITY IMAP4rev1 ENABLE UTF8=ACCEPT CONDSTORE] Logged in\r\n",
+                     "ENABLE of a Courier-like upstream not repeated (U2)");
+    free(s);
+}
+
+Test(cap, x13_upstream_condstore_left_as_is)
+{
+    char *s = rewrite_cs("* CAPABILITY IMAP4rev1 CONDSTORE ENABLE\r\n");
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 CONDSTORE ENABLE\r\n");
+    free(s);
 }

@@ -1,0 +1,291 @@
+#include "proxy/sync.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/log.h"
+#include "common/xalloc.h"
+#include "proxy/cmd.h"
+#include "proxy/msgmap.h"
+#include "state/store.h"
+
+enum sel_phase {
+    SEL_NONE = 0,
+    SEL_SENT,     /* SELECT upstream, its data arriving */
+    SEL_SNAPSHOT, /* internal UID FETCH 1:* in flight */
+    SEL_OBSERVE,  /* snapshot handed to the store */
+    SEL_DONE,     /* selected, HIGHESTMODSEQ announced */
+};
+
+/* One snapshot's collected data: UIDs and flag strings. */
+struct snap {
+    uint32_t *uid;
+    uint32_t *off; /* flag string i is flags.p[off[i] .. off[i+1]) */
+    uint32_t n, cap;
+    struct buf flags;
+};
+
+struct sync {
+    enum sel_phase phase;
+    struct pending *select; /* the client's SELECT/EXAMINE */
+    struct pending *internal;
+    char *mailbox;
+    size_t mailbox_len;
+    uint32_t uidvalidity;
+    uint32_t exists;
+    struct msgmap map;
+    struct snap snap;
+    struct buf tagged; /* the SELECT's tagged completion, held */
+    struct store_mbox *mb;
+    struct store_req *req;
+    uint64_t highest;
+};
+
+static void snap_reset(struct snap *sn)
+{
+    sn->n = 0;
+    buf_clear(&sn->flags, 1 << 16);
+}
+
+static void snap_fini(struct snap *sn)
+{
+    free(sn->uid);
+    free(sn->off);
+    buf_fini(&sn->flags);
+    memset(sn, 0, sizeof(*sn));
+}
+
+void sync_init(struct sess *s)
+{
+    s->sync = NULL;
+}
+
+void sync_fini(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL)
+        return;
+    store_req_cancel(&y->req);
+    store_mbox_free(&y->mb);
+    msgmap_fini(&y->map);
+    snap_fini(&y->snap);
+    buf_fini(&y->tagged);
+    free(y->mailbox);
+    free(y);
+    s->sync = NULL;
+}
+
+void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL)
+        y = s->sync = xcalloc(1, sizeof(*y));
+    store_req_cancel(&y->req);
+    store_mbox_free(&y->mb);
+    free(y->mailbox);
+    y->mailbox = mbox != NULL ? xmemdup(mbox, len) : NULL;
+    y->mailbox_len = mbox != NULL ? len : 0;
+    y->phase = SEL_SENT;
+    y->select = p;
+    y->internal = NULL;
+    y->uidvalidity = 0;
+    y->exists = 0;
+    y->highest = 0;
+    msgmap_clear(&y->map);
+    snap_reset(&y->snap);
+    buf_clear(&y->tagged, 4096);
+    /* Nothing the client sent after this command runs before it is done. */
+    sess_hold(&s->cli);
+}
+
+bool sync_swallows_fetch(const struct sess *s)
+{
+    return s->sync != NULL && s->sync->phase == SEL_SNAPSHOT;
+}
+
+void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *flags, size_t len)
+{
+    struct sync *y = s->sync;
+    struct snap *sn = &y->snap;
+
+    if (uid == 0 || msgmap_set(&y->map, seq, uid) < 0)
+        return; /* not counted: the snapshot will be incomplete (inv. 4) */
+    if (sn->n + 1 >= sn->cap) {
+        sn->cap = sn->cap ? sn->cap * 2 : 1024;
+        sn->uid = xreallocarray(sn->uid, sn->cap, sizeof(*sn->uid));
+        sn->off = xreallocarray(sn->off, sn->cap + 1, sizeof(*sn->off));
+    }
+    if (sn->n == 0)
+        sn->off[0] = 0;
+    if (buf_append(&sn->flags, flags, len, UINT32_MAX) < 0) {
+        sess_fail(s, QR_ENOMEM, "snapshot");
+        return;
+    }
+    sn->uid[sn->n] = uid;
+    sn->n++;
+    sn->off[sn->n] = (uint32_t)sn->flags.len;
+}
+
+void sync_exists(struct sess *s, uint32_t n)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->phase == SEL_NONE)
+        return;
+    y->exists = n;
+    if (msgmap_exists(&y->map, n) < 0 && y->phase == SEL_SENT) {
+        /* A new selection starts from an empty map. */
+        msgmap_clear(&y->map);
+        if (msgmap_exists(&y->map, n) < 0)
+            sess_fail(s, QR_ENOMEM, "message map");
+    }
+}
+
+void sync_uidvalidity(struct sess *s, uint32_t v)
+{
+    if (s->sync != NULL && s->sync->phase == SEL_SENT)
+        s->sync->uidvalidity = v;
+}
+
+bool sync_holds_tagged(const struct sess *s, const struct pending *p)
+{
+    return s->sync != NULL && s->sync->select == p && s->sync->phase == SEL_SENT;
+}
+
+void sync_keep_tagged(struct sess *s, const char *line, size_t len)
+{
+    if (buf_append(&s->sync->tagged, line, len, SIZE_MAX) < 0)
+        sess_fail(s, QR_ENOMEM, "held completion");
+}
+
+/* Send the held tagged completion, preceded by one untagged OK with the
+ * CONDSTORE response code (CS-30), and let the client's commands run. */
+static void sync_finish_select(struct sess *s, const char *code)
+{
+    struct sync *y = s->sync;
+    char line[96];
+
+    if (code != NULL) {
+        int n = snprintf(line, sizeof(line), "* OK %s\r\n", code);
+        sess_send(&s->cli, NULL, line, (size_t)n);
+    }
+    sess_send(&s->cli, NULL, y->tagged.p, y->tagged.len);
+    buf_clear(&y->tagged, 4096);
+    y->select = NULL;
+    y->internal = NULL;
+    snap_reset(&y->snap);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+static void sync_nomodseq(struct sess *s, const char *why)
+{
+    struct log_line l;
+    log_begin(&l, LOG_INFO, "condstore.nomodseq");
+    log_hex(&l, "sid", s->id);
+    log_str(&l, "why", why);
+    log_end(&l);
+    s->sync->phase = SEL_NONE;
+    sync_finish_select(s, "[NOMODSEQ] Sorry, this mailbox does not support mod-sequences");
+}
+
+static void on_observed(void *arg, int err, const struct store_result *res)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    y->req = NULL;
+    if (err < 0) {
+        if (err == QR_ELIMIT) {
+            sync_nomodseq(s, "store limit");
+            return;
+        }
+        /* DESIGN inv. 6: never a guessed modseq. */
+        static const char bye[] = "* BYE [UNAVAILABLE] State store unreachable\r\n";
+        sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
+        sess_release(&s->up);
+        sess_fail(s, err, "state store");
+        return;
+    }
+    y->phase = SEL_DONE;
+    y->highest = res->highest;
+    char code[64];
+    /* X2: HIGHESTMODSEQ is never 0; the store's clock guarantees it. */
+    snprintf(code, sizeof(code), "[HIGHESTMODSEQ %llu] Highest", (unsigned long long)res->highest);
+    if (log_on(LOG_DEBUG)) {
+        struct log_line l;
+        log_begin(&l, LOG_DEBUG, "condstore.snapshot");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "messages", y->exists);
+        log_u64(&l, "changed", res->n_changed + res->n_new + res->n_gone);
+        log_u64(&l, "highest", res->highest);
+        log_end(&l);
+    }
+    sync_finish_select(s, code);
+}
+
+/* The snapshot is complete only when its tagged OK came and it holds as
+ * many messages as EXISTS (DESIGN inv. 4); otherwise nothing is diffed. */
+static void sync_observe(struct sess *s, bool is_ok)
+{
+    struct sync *y = s->sync;
+    struct snap *sn = &y->snap;
+
+    if (!is_ok || sn->n != y->exists || !msgmap_is_complete(&y->map)) {
+        sync_nomodseq(s, "incomplete snapshot");
+        return;
+    }
+    struct store_obs *obs = xcalloc(sn->n ? sn->n : 1, sizeof(*obs));
+    for (uint32_t i = 0; i < sn->n; i++) {
+        obs[i].uid = sn->uid[i];
+        obs[i].flags = sn->flags.p + sn->off[i];
+        obs[i].flags_len = sn->off[i + 1] - sn->off[i];
+    }
+    y->phase = SEL_OBSERVE;
+    /* The upstream waits: nothing it says may overtake the tagged OK. */
+    sess_hold(&s->up);
+    int rc = store_observe_snapshot(y->mb, obs, sn->n, on_observed, s, &y->req);
+    free(obs);
+    if (rc < 0)
+        on_observed(s, rc, NULL);
+}
+
+void sync_completed(struct sess *s, struct pending *p, bool is_ok)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL)
+        return;
+    if (p == y->select && y->phase == SEL_SENT) {
+        if (!is_ok) {
+            y->phase = SEL_NONE;
+            sync_finish_select(s, NULL);
+            return;
+        }
+        if (s->user == NULL || y->mailbox == NULL || y->uidvalidity == 0) {
+            sync_nomodseq(s, s->user == NULL ? "user unknown" : "mailbox not keyed");
+            return;
+        }
+        int rc = store_mbox_new(s->ctx->store, s->user, strlen(s->user), y->mailbox, y->mailbox_len,
+                                y->uidvalidity, &y->mb);
+        if (rc < 0) {
+            sync_nomodseq(s, "mailbox not keyed");
+            return;
+        }
+        if (y->exists == 0) {
+            y->phase = SEL_SNAPSHOT;
+            sync_observe(s, true);
+            return;
+        }
+        y->phase = SEL_SNAPSHOT;
+        y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
+        return;
+    }
+    if (p == y->internal && y->phase == SEL_SNAPSHOT) {
+        y->internal = NULL;
+        sync_observe(s, is_ok);
+    }
+}

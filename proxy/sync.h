@@ -1,0 +1,66 @@
+/* sync: the synchroniser of a session: what it knows of the selected
+ * mailbox for CONDSTORE (RFC 7162), and the snapshots that bring the state
+ * store up to date with the upstream.
+ *
+ * A CONDSTORE selection (SELECT/EXAMINE with the CONDSTORE parameter, or
+ * any SELECT once the session is CONDSTORE-aware, CS-20/CS-24) runs so:
+ *   1. the command stage sends the SELECT upstream without the parameter
+ *      and holds the client's later commands (sync_select_sent), so no
+ *      client command runs while the proxy's own do (PITFALLS 7);
+ *   2. the response stage relays the SELECT's untagged data, noting
+ *      EXISTS and UIDVALIDITY, and hands the tagged completion here;
+ *   3. on OK the session sends its internal `UID FETCH 1:* (UID FLAGS)`;
+ *      the FETCH responses it produces never reach the client: they fill
+ *      the message map and the snapshot (sync_fetch_data);
+ *   4. a complete snapshot (tagged OK and as many messages as EXISTS,
+ *      DESIGN inv. 4) is observed in the store; its HIGHESTMODSEQ is sent
+ *      as `* OK [HIGHESTMODSEQ n]`, then the SELECT's tagged OK (CS-30),
+ *      and the client's commands flow again.
+ * A mailbox the proxy cannot key (no user name known, a mailbox name sent
+ * as a literal) or whose snapshot is incomplete gets `[NOMODSEQ]` (CS-32).
+ * Losing the store ends the session with `* BYE [UNAVAILABLE]` (inv. 6).
+ *
+ * The per-session state lives in a struct sync allocated on the first
+ * CONDSTORE selection, so a plain session pays nothing.
+ */
+#ifndef QR_SYNC_H
+#define QR_SYNC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proxy/sess_types.h"
+
+void sync_init(struct sess *s);
+void sync_fini(struct sess *s);
+
+/* The SELECT/EXAMINE p was sent upstream as a CONDSTORE selection of the
+ * mailbox named mbox[0..len) (as sent; NULL when it was a literal). Holds
+ * the client's input until the selection completes. */
+void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len);
+
+/* True while the session's internal snapshot is in flight: every untagged
+ * FETCH is its data and is not relayed. */
+bool sync_swallows_fetch(const struct sess *s);
+
+/* One FETCH response of the internal snapshot. */
+void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *flags, size_t len);
+
+/* `* n EXISTS` and `[UIDVALIDITY n]` seen on the upstream. */
+void sync_exists(struct sess *s, uint32_t n);
+void sync_uidvalidity(struct sess *s, uint32_t v);
+
+/* True when the tagged completion of p must wait (it is kept with
+ * sync_keep_tagged instead of being relayed). */
+bool sync_holds_tagged(const struct sess *s, const struct pending *p);
+
+/* The client's copy of p's tagged completion, already mapped to the
+ * client's tag; copied. */
+void sync_keep_tagged(struct sess *s, const char *line, size_t len);
+
+/* The tagged completion of a SELECT or of an internal command arrived;
+ * is_ok tells whether it was OK. */
+void sync_completed(struct sess *s, struct pending *p, bool is_ok);
+
+#endif

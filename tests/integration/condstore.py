@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""CONDSTORE (RFC 7162) through qresyncd: what is built so far, against
+real legacy upstreams and a real Redis. Test names carry the CHECKLIST and
+CLIENT-EXPECTATIONS IDs they guard.
+
+Built so far: capability advertisement (CS-01), ENABLE (EN-01..EN-04, X1),
+SELECT/EXAMINE with the CONDSTORE parameter or after ENABLE (CS-24, CS-30,
+CS-31), snapshots of the upstream's flags into the state store (the
+internal FETCH never reaches the client), HIGHESTMODSEQ that never goes
+backwards (CS-17, X2, X10, X11, DESIGN inv. 1) and DESIGN inv. 6 when Redis
+is lost. Run by condstore.sh; ends with "N passed, M failed".
+"""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+
+import proxy_behaviour as pb
+
+REDIS_PORT = int(os.environ["REDIS_PORT"])
+REDIS_PID = int(os.environ["REDIS_PID"])
+COURIER_PORT = int(os.environ["COURIER_PORT"])
+UPSTREAMS = {"dovecot": pb.UP_PORT, "courier": COURIER_PORT}
+
+
+def proxy(up="dovecot", *args):
+    return pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d" % REDIS_PORT, *args,
+                    upstream=UPSTREAMS[up])
+
+
+def highest(lines):
+    for l in lines:
+        m = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", l)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def redis(*args):
+    return subprocess.run(["redis-cli", "-p", str(REDIS_PORT)] + list(args),
+                          capture_output=True, text=True, timeout=10).stdout
+
+
+def direct(up):
+    c = pb.Client(UPSTREAMS[up])
+    c.login()
+    return c
+
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def both(fn):
+    """The test runs against each legacy upstream."""
+    for up in UPSTREAMS:
+        def run(up=up):
+            fn(up)
+        run.__name__ = "%s[%s]" % (fn.__name__, up)
+        TESTS.append(run)
+    return fn
+
+
+@both
+def cs01_condstore_in_every_capability_list_exactly_once(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        lists = [c.greeting]
+        lists += [l for l in c.cmd("a", "CAPABILITY") if l.startswith(b"* CAPABILITY")]
+        login = c.cmd("L", 'LOGIN "%s" "%s"' % (pb.USER, pb.PASS))
+        lists += [l for l in login if b"CAPABILITY" in l]
+        lists += [l for l in c.cmd("b", "CAPABILITY") if l.startswith(b"* CAPABILITY")]
+        for l in lists:
+            if b"CAPABILITY" not in l.upper():
+                continue
+            words = l.upper().replace(b"]", b" ").split()
+            assert words.count(b"CONDSTORE") == 1, l
+            assert words.count(b"ENABLE") == 1, l
+            assert b"QRESYNC" not in words, "QRESYNC is not offered yet: %r" % l
+    finally:
+        p.stop()
+
+
+@test
+def cs01_inv6_redis_down_new_sessions_get_upstream_capabilities():
+    """DESIGN inv. 6: while Redis is unreachable, new sessions are offered
+    the upstream's own capabilities."""
+    p = pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d" % pb.free_port())
+    try:
+        time.sleep(0.3)
+        c = pb.Client(p.port)
+        caps = b" ".join(c.cmd("a", "CAPABILITY")).upper()
+        assert b"CONDSTORE" not in caps, caps
+        c.login()
+        assert c.cmd("s", "SELECT INBOX")[-1].startswith(b"s OK")
+    finally:
+        p.stop()
+
+
+@test
+def en01_enable_condstore_answered_locally_x1_u5():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        for spelling, tag in (("CONDSTORE", "e1"), ("condstore", "e2")):
+            lines = c.cmd(tag, "ENABLE " + spelling)
+            enabled = [l for l in lines if l.startswith(b"* ENABLED")]
+            assert len(enabled) == 1, lines
+            assert lines[-1].startswith(tag.encode() + b" OK"), lines
+        assert enabled[0] == b"* ENABLED", "second ENABLE enables nothing new (EN-02)"
+    finally:
+        p.stop()
+
+
+@test
+def en02_en03_unknown_names_give_empty_enabled():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        lines = c.cmd("e", "ENABLE X-UNKNOWN")
+        assert lines[0] == b"* ENABLED", lines
+        assert lines[-1].startswith(b"e OK"), lines
+    finally:
+        p.stop()
+
+
+@test
+def en04_enable_before_login_and_without_names_is_bad():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        assert c.cmd("e1", "ENABLE CONDSTORE")[-1].startswith(b"e1 BAD")
+        c.login()
+        assert c.cmd("e2", "ENABLE")[-1].startswith(b"e2 BAD")
+        lines = c.cmd("s", "SELECT INBOX")
+        assert highest(lines) is None, "the refused ENABLE enabled nothing (CS-20)"
+    finally:
+        p.stop()
+
+
+@test
+def en02_x1_u2_courier_enable_is_split_into_one_enabled_line():
+    """Courier has ENABLE (for UTF8=ACCEPT) but no CONDSTORE: its part goes
+    upstream and one ENABLED line names both."""
+    p = proxy("courier")
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        lines = c.cmd("e", "ENABLE UTF8=ACCEPT CONDSTORE")
+        enabled = [l for l in lines if l.startswith(b"* ENABLED")]
+        assert len(enabled) == 1, lines
+        assert b"UTF8=ACCEPT" in enabled[0] and b"CONDSTORE" in enabled[0], enabled
+        assert lines[-1].startswith(b"e OK"), lines
+    finally:
+        p.stop()
+
+
+@both
+def cs24_cs30_select_condstore_gets_highestmodseq_before_tagged_ok_x2_x10(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        for tag, cmd in (("s1", "SELECT INBOX (CONDSTORE)"), ("s2", "EXAMINE INBOX"),
+                         ("s3", "SELECT INBOX")):
+            lines = c.cmd(tag, cmd)
+            assert lines[-1].startswith(tag.encode() + b" OK"), lines
+            hm = [l for l in lines if b"HIGHESTMODSEQ" in l]
+            assert len(hm) == 1 and hm[0].startswith(b"* OK [HIGHESTMODSEQ "), lines
+            assert lines.index(hm[0]) == len(lines) - 2, "just before the tagged OK"
+            h = highest(lines)
+            assert 0 < h < 2 ** 53, h
+            assert h > 10 ** 15, "a value of the proxy's clock, not the upstream's"
+            assert not any(re.match(rb"\* \d+ FETCH", l) for l in lines), \
+                "the internal snapshot never reaches the client"
+            assert any(l.endswith(b"EXISTS") for l in lines)
+    finally:
+        p.stop()
+
+
+@test
+def cs30_select_after_enable_gets_highestmodseq():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("e", "ENABLE CONDSTORE")
+        assert highest(c.cmd("s", "SELECT Archive")) is not None
+    finally:
+        p.stop()
+
+
+@test
+def cs31_plain_session_gets_no_highestmodseq():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        lines = c.cmd("s", "SELECT INBOX")
+        assert highest(lines) is None, lines
+    finally:
+        p.stop()
+
+
+@both
+def cs11_cs12_cs17_out_of_band_change_raises_highestmodseq_x11(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h1 = highest(c.cmd("s1", "SELECT INBOX (CONDSTORE)"))
+        h2 = highest(c.cmd("s2", "SELECT INBOX"))
+        assert h2 == h1, "nothing changed: the same HIGHESTMODSEQ (CS-12, inv. 3)"
+        d = direct(up)
+        d.cmd("d1", "SELECT INBOX")
+        flag = "\\Flagged" if up == "dovecot" else "\\Answered"
+        d.cmd("d2", "STORE 2 +FLAGS (%s)" % flag)
+        d.cmd("d3", "LOGOUT")
+        h3 = highest(c.cmd("s3", "SELECT INBOX"))
+        assert h3 > h2, (h2, h3)
+    finally:
+        p.stop()
+
+
+@test
+def inv1_x11_flushall_never_takes_highestmodseq_backwards():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h1 = highest(c.cmd("s1", "SELECT INBOX (CONDSTORE)"))
+        assert "OK" in redis("FLUSHALL")
+        h2 = highest(c.cmd("s2", "SELECT INBOX"))
+        assert h2 > h1, (h1, h2)
+    finally:
+        p.stop()
+
+
+@test
+def select_holds_pipelined_commands_in_order():
+    """The client's commands behind a CONDSTORE SELECT run after it, and
+    their answers come after its completion (DESIGN: session model)."""
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.send("s SELECT INBOX (CONDSTORE)\r\nn NOOP\r\nf FETCH 1 (FLAGS)\r\n")
+        tagged = []
+        saw_hm = False
+        while len(tagged) < 3:
+            line, _ = c.response()
+            if b"HIGHESTMODSEQ" in line:
+                saw_hm = True
+                assert not tagged
+            if not line.startswith(b"*"):
+                tagged.append(line.split(b" ")[0])
+        # Dovecot may complete n and f in either order (it runs pipelined
+        # commands in parallel); the held ones never overtake the SELECT.
+        assert tagged[0] == b"s" and sorted(tagged[1:]) == [b"f", b"n"], tagged
+        assert saw_hm
+    finally:
+        p.stop()
+
+
+@test
+def inv6_redis_lost_mid_session_ends_with_bye_unavailable():
+    """A CONDSTORE session that cannot reach Redis ends with
+    `* BYE [UNAVAILABLE]`, never with a guessed modseq (inv. 6)."""
+    port = pb.free_port()
+    d = os.path.join(pb.TMP, "redis-inv6")
+    os.makedirs(d, exist_ok=True)
+    r = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                          "--dir", d, "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        p = pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d" % port)
+        try:
+            c = pb.Client(p.port)
+            c.login()
+            assert highest(c.cmd("s1", "SELECT INBOX (CONDSTORE)")) is not None
+            r.send_signal(signal.SIGKILL)
+            r.wait()
+            c.send("s2 SELECT INBOX\r\n")
+            lines = c.closed_within(15)
+            assert any(l.startswith(b"* BYE [UNAVAILABLE]") for l in lines), lines
+            assert highest(lines) is None, lines
+        finally:
+            p.stop()
+    finally:
+        if r.poll() is None:
+            r.kill()
+            r.wait()
+
+
+def main():
+    passed = failed = 0
+    only = sys.argv[1:]
+    for t in TESTS:
+        if only and not any(o in t.__name__ for o in only):
+            continue
+        t0 = time.time()
+        try:
+            t()
+            passed += 1
+            print("ok   %s (%.1fs)" % (t.__name__, time.time() - t0))
+        except Exception:
+            failed += 1
+            print("FAIL %s" % t.__name__)
+            traceback.print_exc(limit=4)
+        sys.stdout.flush()
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
