@@ -39,7 +39,8 @@
     XX(EBUSY, -30011, "busy, try again later")                                                     \
     XX(ECONFLICT, -30012, "concurrent modification")                                               \
     XX(ENOTFOUND, -30013, "not found")                                                             \
-    XX(EUNSUPPORTED, -30014, "not supported")
+    XX(EUNSUPPORTED, -30014, "not supported")                                                      \
+    XX(ETLS, -30015, "TLS error")
 
 enum qr_err {
 #define QR_ERR_ENUM(name, val, msg) QR_##name = (val),
