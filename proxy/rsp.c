@@ -73,7 +73,7 @@ static void rsp_fetch_item(struct sess *s, const struct tok_ev *ev)
         if (ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UID"))
             s->fp_want = FP_UID;
         else if (ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "FLAGS"))
-            s->fp_want = FP_FLAGS;
+            s->fp_want = FP_FLAGS, s->fp_has_flags = true;
         else if (ev->kind != TOK_LIST_CLOSE)
             s->fp_want = FP_SKIP;
         break;
@@ -119,6 +119,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         sd->tag_end = sd->seg_off;
         s->rl_cap = s->rl_code = s->rl_tag_sent = false;
         s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
+        s->rl_enrich = false;
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)
@@ -153,8 +154,9 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         if (ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX) {
             s->rl_num = (uint32_t)ev->num;
             s->rl_has_num = true;
-            /* `* n FETCH` may be the snapshot's: decided on the next word. */
-            if (!sync_swallows_fetch(s))
+            /* `* n FETCH` may be the snapshot's, or need a MODSEQ:
+             * decided on the next word. */
+            if (!sync_swallows_fetch(s) && !sync_enriches(s))
                 sd->is_streaming = true;
         } else if (word_is(ev->data, ev->len, "CAPABILITY")) {
             s->rl_cap = true;
@@ -174,9 +176,13 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         }
         if (s->rl_has_num && !sd->is_streaming) {
             if (strcmp(s->rl_word2, "FETCH") == 0) {
-                s->rl_swallow = true; /* the internal snapshot's data */
+                if (sync_swallows_fetch(s))
+                    s->rl_swallow = true; /* the internal snapshot's data */
+                else
+                    s->rl_enrich = true; /* CS-21: gets UID and MODSEQ */
                 s->fp_want = FP_NONE;
                 s->fp_uid = 0;
+                s->fp_has_flags = false;
                 buf_clear(&s->fp_flags, 4096);
             } else {
                 sd->is_streaming = true;
@@ -188,17 +194,17 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
             s->rl_cap = true;
         if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UIDVALIDITY"))
             s->rl_uidvalidity = true;
-        if (s->rl_swallow)
+        if (s->rl_swallow || s->rl_enrich)
             rsp_fetch_item(s, ev);
         break;
     case 4:
         if (s->rl_uidvalidity && ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX)
             sync_uidvalidity(s, (uint32_t)ev->num);
-        if (s->rl_swallow)
+        if (s->rl_swallow || s->rl_enrich)
             rsp_fetch_item(s, ev);
         break;
     default:
-        if (s->rl_swallow)
+        if (s->rl_swallow || s->rl_enrich)
             rsp_fetch_item(s, ev);
         break;
     }
@@ -220,6 +226,8 @@ static void rsp_line_done(struct sess *s)
         sync_exists(s, s->rl_num);
     if (s->rl_swallow)
         sync_fetch_data(s, s->rl_num, s->fp_uid, s->fp_flags.p, s->fp_flags.len);
+    if (s->rl_has_num && strcmp(s->rl_word2, "EXPUNGE") == 0)
+        sync_expunge(s, s->rl_num);
 
     if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) &&
         (s->last_kind == CMD_AUTHENTICATE || s->last_kind == CMD_IDLE)) {
@@ -289,6 +297,11 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
 
     if (s->rl_swallow) {
         /* the proxy's own data */
+    } else if (is_eol && s->rl_enrich && s->fp_has_flags && !sd->is_streaming &&
+               (sync_fetch_uid(s, s->rl_num, s->fp_uid),
+                sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,
+                                 s->fp_flags.len))) {
+        /* held for its MODSEQ (proxy/sync.c) */
     } else if (is_eol && s->rl_enabled) {
         /* EN-02, X1: one ENABLED line names the upstream's and the proxy's. */
         struct pending *p = rsp_enable_merge(s);

@@ -132,6 +132,8 @@ struct sess {
     bool rl_swallow;   /* the line is the proxy's own data: not relayed */
     bool rl_uidvalidity;
     bool rl_enabled; /* `* ENABLED` of a split ENABLE */
+    bool rl_enrich;  /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
+    bool fp_has_flags;
     /* FETCH items being read (internal snapshot, CONDSTORE) */
     uint8_t fp_want;
     uint32_t fp_uid;

@@ -37,6 +37,9 @@ struct sync {
     struct msgmap map;
     struct snap snap;
     struct buf tagged; /* the SELECT's tagged completion, held */
+    struct buf line;   /* a FETCH line waiting for its MODSEQ */
+    uint32_t line_uid;
+    bool line_has_uid;
     struct store_mbox *mb;
     struct store_req *req;
     uint64_t highest;
@@ -72,6 +75,7 @@ void sync_fini(struct sess *s)
     msgmap_fini(&y->map);
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
+    buf_fini(&y->line);
     free(y->mailbox);
     free(y);
     s->sync = NULL;
@@ -198,6 +202,8 @@ static void on_observed(void *arg, int err, const struct store_result *res)
     struct sync *y = s->sync;
 
     y->req = NULL;
+    if (s->is_closing)
+        return;
     if (err < 0) {
         if (err == QR_ELIMIT) {
             sync_nomodseq(s, "store limit");
@@ -288,4 +294,139 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
         y->internal = NULL;
         sync_observe(s, is_ok);
     }
+}
+
+/* ---------------------------------------------------- FETCH enrichment */
+
+bool sync_enriches(const struct sess *s)
+{
+    const struct sync *y = s->sync;
+    return s->is_condstore && y != NULL && y->phase == SEL_DONE && y->mb != NULL;
+}
+
+void sync_fetch_uid(struct sess *s, uint32_t seq, uint32_t uid)
+{
+    struct sync *y = s->sync;
+    if (y != NULL && y->phase == SEL_DONE && uid != 0 && msgmap_set(&y->map, seq, uid) < 0) {
+        /* A contradiction keeps the old view; worth knowing about. */
+        struct log_line l;
+        log_begin(&l, LOG_WARN, "condstore.map_mismatch");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "seq", seq);
+        log_u64(&l, "uid", uid);
+        log_end(&l);
+    }
+}
+
+void sync_expunge(struct sess *s, uint32_t seq)
+{
+    struct sync *y = s->sync;
+    uint32_t uid;
+
+    if (y != NULL && y->phase != SEL_NONE && msgmap_expunge(&y->map, seq, &uid) < 0) {
+        struct log_line l;
+        log_begin(&l, LOG_WARN, "condstore.map_mismatch");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "seq", seq);
+        log_end(&l);
+    }
+}
+
+/* Send the held FETCH line with `UID u` (when it had none) and
+ * `MODSEQ (m)` before its closing parenthesis (CS-21, CS-22). */
+static void sync_emit_line(struct sess *s, uint64_t modseq)
+{
+    struct sync *y = s->sync;
+    const char *p = y->line.p;
+    size_t len = y->line.len, close = len;
+
+    while (close > 0 && p[close - 1] != ')')
+        close--;
+    if (close == 0) {
+        sess_send(&s->cli, NULL, p, len); /* no list: as it came */
+    } else {
+        char add[64];
+        int n = y->line_has_uid
+                    ? snprintf(add, sizeof(add), " MODSEQ (%llu)", (unsigned long long)modseq)
+                    : snprintf(add, sizeof(add), " UID %u MODSEQ (%llu)", y->line_uid,
+                               (unsigned long long)modseq);
+        sess_send(&s->cli, NULL, p, close - 1);
+        sess_send(&s->cli, NULL, add, (size_t)n);
+        sess_send(&s->cli, NULL, p + close - 1, len - (close - 1));
+    }
+    buf_clear(&y->line, 4096);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+static void sync_store_lost(struct sess *s, int err)
+{
+    static const char bye[] = "* BYE [UNAVAILABLE] State store unreachable\r\n";
+    /* DESIGN inv. 6: never a guessed modseq. */
+    sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
+    sess_fail(s, err, "state store");
+}
+
+static void on_line_modseq(void *arg, int err, const uint64_t *modseqs, size_t n,
+                           const struct store_info *info)
+{
+    struct sess *s = arg;
+    (void)info;
+
+    s->sync->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0 || n != 1 || modseqs[0] == 0) {
+        sync_store_lost(s, err < 0 ? err : QR_ESTATE);
+        return;
+    }
+    sync_emit_line(s, modseqs[0]);
+}
+
+static void on_line_observed(void *arg, int err, const struct store_result *res)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    y->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return;
+    }
+    if (res->modseq != 0) {
+        sync_emit_line(s, res->modseq);
+        return;
+    }
+    /* CS-12: unchanged flags keep their modseq; ask for it. */
+    int rc = store_modseqs(y->mb, &y->line_uid, 1, on_line_modseq, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
+bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
+                      const char *flags, size_t flags_len)
+{
+    struct sync *y = s->sync;
+
+    y->line_has_uid = uid != 0;
+    if (uid == 0)
+        uid = msgmap_uid(&y->map, seq);
+    if (uid == 0)
+        return false; /* UID not known yet: relayed as it is */
+    y->line_uid = uid;
+    if (buf_append(&y->line, b, len, SIZE_MAX) < 0) {
+        sess_fail(s, QR_ENOMEM, "fetch line");
+        return true;
+    }
+    /* CS-51: every FLAGS list is an observation, and the MODSEQ sent with
+     * it is the one this observation gives. Nothing may overtake the line. */
+    sess_hold(&s->up);
+    sess_hold(&s->cli);
+    struct store_obs ob = {.uid = uid, .flags = flags, .flags_len = flags_len};
+    int rc = store_observe(y->mb, &ob, 1, on_line_observed, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+    return true;
 }

@@ -63,4 +63,19 @@ void sync_keep_tagged(struct sess *s, const char *line, size_t len);
  * is_ok tells whether it was OK. */
 void sync_completed(struct sess *s, struct pending *p, bool is_ok);
 
+/* True when untagged FETCH lines with FLAGS get UID and MODSEQ: the
+ * session is CONDSTORE-aware and its mailbox is tracked. */
+bool sync_enriches(const struct sess *s);
+
+/* A FETCH response told seq's UID; an EXPUNGE removed seq. */
+void sync_fetch_uid(struct sess *s, uint32_t seq, uint32_t uid);
+void sync_expunge(struct sess *s, uint32_t seq);
+
+/* The last segment b[0..len) of `* seq FETCH (...)` whose FLAGS are
+ * flags[0..flags_len) and whose own UID item is uid (0: none): observed in the store, then sent
+ * with UID and MODSEQ; both sides wait meanwhile. Returns false (nothing done, relay the line) when
+ * the UID is not known. Copies b. */
+bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
+                      const char *flags, size_t flags_len);
+
 #endif

@@ -273,6 +273,74 @@ def select_holds_pipelined_commands_in_order():
         p.stop()
 
 
+def modseq_of(line):
+    m = re.search(rb"MODSEQ \((\d+)\)", line)
+    return int(m.group(1)) if m else None
+
+
+@both
+def cs21_cs22_store_answer_carries_uid_and_modseq_cs12_noop_keeps_it(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        lines = c.cmd("t1", "STORE 1 +FLAGS (\\Flagged)")
+        f = [l for l in lines if re.match(rb"\* 1 FETCH", l)]
+        assert len(f) == 1, lines
+        assert re.search(rb"UID \d+", f[0]) and modseq_of(f[0]) is not None, f
+        m1 = modseq_of(f[0])
+        assert m1 > h, (h, m1)
+        assert m1 < 2 ** 53
+        lines = c.cmd("t2", "STORE 1 +FLAGS (\\Flagged)")
+        f = [l for l in lines if re.match(rb"\* 1 FETCH", l)]
+        if f:  # Dovecot answers a no-op STORE too; Courier may not
+            assert modseq_of(f[0]) == m1, "CS-12: a no-op keeps its modseq"
+        lines = c.cmd("t3", "FETCH 1 (FLAGS)")
+        f = [l for l in lines if re.match(rb"\* 1 FETCH", l)]
+        assert len(f) == 1 and modseq_of(f[0]) == m1, lines
+        assert highest(c.cmd("s2", "SELECT INBOX")) >= m1, "CS-33"
+    finally:
+        p.stop()
+
+
+@both
+def cs21_change_by_another_session_reaches_client_with_modseq(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        d = direct(up)
+        d.cmd("d1", "SELECT INBOX")
+        d.cmd("d2", "STORE 4 +FLAGS (\\Draft)")
+        d.cmd("d3", "LOGOUT")
+        seen = []
+        for i in range(3):  # Courier reports others' changes on a later NOOP
+            seen += [l for l in c.cmd("n%d" % i, "NOOP") if re.match(rb"\* 4 FETCH", l)]
+            if seen:
+                break
+            time.sleep(0.5)
+        assert seen, "the change was reported"
+        assert re.search(rb"UID \d+", seen[0]), seen
+        assert modseq_of(seen[0]) > h, (h, seen)
+    finally:
+        p.stop()
+
+
+@test
+def cs31_plain_session_store_has_no_modseq():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("s", "SELECT INBOX")
+        lines = c.cmd("t", "STORE 2 +FLAGS (\\Seen)")
+        assert not any(b"MODSEQ" in l for l in lines), lines
+    finally:
+        p.stop()
+
+
 @test
 def inv6_redis_lost_mid_session_ends_with_bye_unavailable():
     """A CONDSTORE session that cannot reach Redis ends with
