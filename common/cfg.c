@@ -38,6 +38,8 @@ enum cfg_type {
     CFG_T_ADDR,   /* struct cfg_addr, host may be a name */
     CFG_T_LISTEN, /* struct cfg_addr array + count, IP literals or '*' */
     CFG_T_LEVEL,  /* enum log_level */
+    CFG_T_STRS,   /* char * array + count, repeatable like listen */
+    CFG_T_ENUM,   /* int: index of the value in metavar's "a|b|c" */
 };
 
 #define CFG_F_REQUIRED 1u /* cfg_validate() rejects it unset */
@@ -61,14 +63,18 @@ struct cfg_opt {
 #define CFG_FIELD(f) offsetof(struct cfg, f)
 
 static const struct cfg_opt cfg_opts[] = {
-    {"listen", CFG_T_LISTEN, CFG_FIELD(listen), CFG_FIELD(n_listen), NULL, 0, 0, CFG_F_REQUIRED,
+    {"listen", CFG_T_LISTEN, CFG_FIELD(listen), CFG_FIELD(n_listen), NULL, 0, 0, 0, "HOST:PORT",
+     "address to accept plain clients on, repeatable: 127.0.0.1:1143, [::1]:1143, "
+     "*:143 (all IPv4), [::]:143 (all IPv6); /starttls or /plain overrides the starttls "
+     "option for that address; listen or listen-tls is required"},
+    {"listen-tls", CFG_T_LISTEN, CFG_FIELD(listen_tls), CFG_FIELD(n_listen_tls), NULL, 0, 0, 0,
      "HOST:PORT",
-     "address to accept clients on, repeatable: 127.0.0.1:1143, [::1]:1143, "
-     "*:143 (all IPv4), [::]:143 (all IPv6)"},
+     "address to accept implicit-TLS clients on (993-style), repeatable; needs tls-cert"},
     {"upstream", CFG_T_ADDR, CFG_FIELD(upstream), 0, NULL, 0, 0, CFG_F_REQUIRED, "HOST:PORT",
      "the IMAP server to proxy; HOST is a name, IPv4 or [IPv6]"},
     {"upstream-name", CFG_T_STR, CFG_FIELD(upstream_name), 0, NULL, 0, 0, 0, "NAME",
-     "upstream's name in logs (default: upstream's host)"},
+     "upstream's name in logs, and with upstream-tls the name sent as SNI and checked against "
+     "its certificate (default: upstream's host)"},
     {"redis", CFG_T_URL, CFG_FIELD(redis), 0, NULL, 0, 0, 0, "URL",
      "state store: redis://[user[:pass]@]host[:port][/db], rediss://..., unix:///path"},
     {"config", CFG_T_STR, CFG_FIELD(config), 0, NULL, 0, 0, CFG_F_NOFILE, "FILE",
@@ -96,8 +102,37 @@ static const struct cfg_opt cfg_opts[] = {
     {"condstore", CFG_T_BOOL, CFG_FIELD(condstore), 0, "no", 0, 0, 0, "BOOL",
      "offer CONDSTORE (RFC 7162) to clients; needs redis. Work in progress: "
      "ENABLE and SELECT/EXAMINE HIGHESTMODSEQ only, so off by default"},
-    /* Reserved for later, keep these names: listen-tls HOST:PORT (repeatable),
-     * tls-cert FILE, tls-key FILE, upstream-tls BOOL, poll-interval DUR,
+    {"tls-cert", CFG_T_STRS, CFG_FIELD(tls_cert), CFG_FIELD(n_tls_cert), NULL, 0, 0, 0, "FILE",
+     "PEM certificate chain (leaf first) for listen-tls and STARTTLS; repeatable, paired with "
+     "tls-key in order: a client's SNI name picks the pair naming it, the first is the default"},
+    {"tls-key", CFG_T_STRS, CFG_FIELD(tls_key), CFG_FIELD(n_tls_key), NULL, 0, 0, 0, "FILE",
+     "private key of the tls-cert in the same position"},
+    {"tls-ciphers", CFG_T_STR, CFG_FIELD(tls_ciphers), 0, NULL, 0, 0, 0, "LIST",
+     "cipher suites offered to clients, mbedTLS names separated by ':' (default: ECDHE with "
+     "ChaCha20-Poly1305, AES-128-GCM, AES-256-GCM; TLS 1.2 is the minimum)"},
+    {"starttls", CFG_T_BOOL, CFG_FIELD(starttls), 0, "yes", 0, 0, 0, "BOOL",
+     "offer STARTTLS on listen addresses when tls-cert is set (per address: /starttls, /plain)"},
+    {"allow-plaintext-auth", CFG_T_ENUM, CFG_FIELD(allow_plaintext_auth), 0, "auto", 0, 0, 0,
+     "auto|yes|no",
+     "LOGIN and AUTHENTICATE PLAIN/LOGIN before TLS: auto refuses them (LOGINDISABLED) where "
+     "qresyncd offers STARTTLS and allows them where it does not (no tls-cert: as without "
+     "TLS); no refuses them on every plain connection; yes allows them (loopback only)"},
+    {"tls-handshake-timeout", CFG_T_DUR, CFG_FIELD(tls_handshake_timeout), 0, "10", 1, HOUR, 0,
+     "DUR", "time a TLS handshake may take (the upstream's: with its STARTTLS exchange)"},
+    {"upstream-tls", CFG_T_ENUM, CFG_FIELD(upstream_tls), 0, "none", 0, 0, 0,
+     "none|starttls|implicit",
+     "TLS towards the upstream: none, STARTTLS after its greeting, or implicit (993-style)"},
+    {"upstream-ca", CFG_T_STR, CFG_FIELD(upstream_ca), 0, "/etc/ssl/certs/ca-certificates.crt", 0,
+     0, 0, "FILE",
+     "CA certificates (PEM file or directory) trusted for the upstream's certificate"},
+    {"upstream-verify", CFG_T_BOOL, CFG_FIELD(upstream_verify), 0, "yes", 0, 0, 0, "BOOL",
+     "verify the upstream's certificate and that it names upstream-name; no is logged as a "
+     "warning at start"},
+    {"upstream-cert", CFG_T_STR, CFG_FIELD(upstream_cert), 0, NULL, 0, 0, 0, "FILE",
+     "client certificate (PEM chain) presented to the upstream, optional"},
+    {"upstream-key", CFG_T_STR, CFG_FIELD(upstream_key), 0, NULL, 0, 0, 0, "FILE",
+     "private key of upstream-cert"},
+    /* Reserved for later, keep these names: poll-interval DUR,
      * snapshot-freshness DUR. */
 };
 
@@ -403,10 +438,36 @@ static int cfg_fail_range(char *msg, size_t msglen, const struct cfg_opt *o, uin
 
 /* ---- setting one option ----------------------------------------------- */
 
-static void listen_append(struct cfg *c, const struct cfg_addr *a)
+static void strs_free(char **list, size_t n)
 {
-    c->listen = xreallocarray(c->listen, c->n_listen + 1, sizeof(*c->listen));
-    c->listen[c->n_listen++] = *a;
+    for (size_t i = 0; i < n; i++)
+        free(list[i]);
+    free(list);
+}
+
+/* Split a listen value's "/starttls" or "/plain" suffix off item (in
+ * place) into a->starttls. Only the plain listen option takes one. */
+static int listen_suffix(char *item, bool may_have, struct cfg_addr *a, const char **why)
+{
+    char *slash = strrchr(item, '/');
+
+    a->starttls = CFG_STARTTLS_DEFAULT;
+    if (slash == NULL)
+        return 0;
+    if (!may_have) {
+        *why = "no /suffix here (implicit TLS listeners always speak TLS)";
+        return QR_EINVAL;
+    }
+    if (strcmp(slash, "/starttls") == 0) {
+        a->starttls = CFG_STARTTLS_YES;
+    } else if (strcmp(slash, "/plain") == 0) {
+        a->starttls = CFG_STARTTLS_NO;
+    } else {
+        *why = "suffix must be /starttls or /plain";
+        return QR_EINVAL;
+    }
+    *slash = '\0';
+    return 0;
 }
 
 /* Parse every address of a comma- or space-separated list first, so a bad
@@ -414,7 +475,9 @@ static void listen_append(struct cfg *c, const struct cfg_addr *a)
 static int listen_set(struct cfg_loader *ld, const struct cfg_opt *o, const char *val, char *msg,
                       size_t msglen)
 {
-    struct cfg *c = ld->c;
+    struct cfg_addr **listp = cfg_field(ld->c, o->off);
+    size_t *np = cfg_field(ld->c, o->off_n);
+    bool may_suffix = o->off == CFG_FIELD(listen);
     struct cfg_addr *tmp = NULL;
     size_t n = 0;
     const char *p = val;
@@ -436,10 +499,19 @@ static int listen_set(struct cfg_loader *ld, const struct cfg_opt *o, const char
         memcpy(item, p, len);
         item[len] = '\0';
         tmp = xreallocarray(tmp, n + 1, sizeof(*tmp));
-        if (addr_parse(item, true, &tmp[n], &why) != 0) {
+        uint8_t starttls = 0;
+        if (listen_suffix(item, may_suffix, &tmp[n], &why) != 0) {
+            memcpy(item, p, len);
             rc = cfg_fail(msg, msglen, "'%s': %s", item, why);
             goto done;
         }
+        starttls = tmp[n].starttls;
+        if (addr_parse(item, true, &tmp[n], &why) != 0) {
+            memcpy(item, p, len);
+            rc = cfg_fail(msg, msglen, "'%s': %s", item, why);
+            goto done;
+        }
+        tmp[n].starttls = starttls;
         n++;
         p += len;
     }
@@ -449,15 +521,67 @@ static int listen_set(struct cfg_loader *ld, const struct cfg_opt *o, const char
     }
     if (!ld->is_list_set[o - cfg_opts]) {
         ld->is_list_set[o - cfg_opts] = true;
-        free(c->listen);
-        c->listen = NULL;
-        c->n_listen = 0;
+        free(*listp);
+        *listp = NULL;
+        *np = 0;
     }
-    for (size_t i = 0; i < n; i++)
-        listen_append(c, &tmp[i]);
+    *listp = xreallocarray(*listp, *np + n, sizeof(**listp));
+    memcpy(*listp + *np, tmp, n * sizeof(*tmp));
+    *np += n;
 done:
     free(tmp);
     return rc;
+}
+
+/* A repeatable string: each source replaces the earlier sources' list,
+ * occurrences within one source append. */
+static int strs_set(struct cfg_loader *ld, const struct cfg_opt *o, const char *val, char *msg,
+                    size_t msglen)
+{
+    char ***listp = cfg_field(ld->c, o->off);
+    size_t *np = cfg_field(ld->c, o->off_n);
+
+    if (*val == '\0')
+        return cfg_fail(msg, msglen, "empty value");
+    if (!ld->is_list_set[o - cfg_opts]) {
+        ld->is_list_set[o - cfg_opts] = true;
+        strs_free(*listp, *np);
+        *listp = NULL;
+        *np = 0;
+    }
+    *listp = xreallocarray(*listp, *np + 1, sizeof(**listp));
+    (*listp)[(*np)++] = xstrdup(val);
+    return 0;
+}
+
+/* The index of val in o's "a|b|c" metavar, or -1. */
+static int enum_index(const struct cfg_opt *o, const char *val)
+{
+    const char *p = o->metavar;
+    size_t vlen = strlen(val);
+
+    for (int i = 0; *p != '\0'; i++) {
+        size_t len = strcspn(p, "|");
+        if (len == vlen && strncasecmp(p, val, len) == 0)
+            return i;
+        p += len;
+        if (*p == '|')
+            p++;
+    }
+    return -1;
+}
+
+/* The name of index i in o's metavar, into out. */
+static void enum_name(const struct cfg_opt *o, int i, char *out, size_t outlen)
+{
+    const char *p = o->metavar;
+
+    for (; i > 0 && *p != '\0'; i--) {
+        p += strcspn(p, "|");
+        if (*p == '|')
+            p++;
+    }
+    snprintf(out, outlen, "%.*s", (int)strcspn(p, "|"), p);
 }
 
 static void str_set(char **fieldp, const char *val)
@@ -514,6 +638,15 @@ static int opt_set(struct cfg_loader *ld, const struct cfg_opt *o, const char *v
         if (log_parse_level(val, f) != 0)
             return cfg_fail(msg, msglen, "'%s' is not err, warn, info or debug", val);
         return 0;
+    case CFG_T_STRS:
+        return strs_set(ld, o, val, msg, msglen);
+    case CFG_T_ENUM: {
+        int i = enum_index(o, val);
+        if (i < 0)
+            return cfg_fail(msg, msglen, "'%s' is not one of %s", val, o->metavar);
+        *(int *)f = i;
+        return 0;
+    }
     }
     return cfg_fail(msg, msglen, "bad option type");
 }
@@ -538,6 +671,13 @@ void cfg_init(struct cfg *c)
 void cfg_fini(struct cfg *c)
 {
     free(c->listen);
+    free(c->listen_tls);
+    strs_free(c->tls_cert, c->n_tls_cert);
+    strs_free(c->tls_key, c->n_tls_key);
+    free(c->tls_ciphers);
+    free(c->upstream_ca);
+    free(c->upstream_cert);
+    free(c->upstream_key);
     free(c->upstream_name);
     free(c->redis);
     free(c->config);
@@ -845,8 +985,58 @@ int cfg_load(struct cfg *c, int argc, char **argv, char *err, size_t errlen)
 
 /* ---- validation and output -------------------------------------------- */
 
+static void fmt_addr(char *out, size_t outlen, const struct cfg_addr *a)
+{
+    if (strchr(a->host, ':') != NULL)
+        snprintf(out, outlen, "[%s]:%u", a->host, (unsigned)a->port);
+    else
+        snprintf(out, outlen, "%s:%u", a->host, (unsigned)a->port);
+}
+
+bool cfg_offers_starttls(const struct cfg *c, const struct cfg_addr *a)
+{
+    if (c->n_tls_cert == 0)
+        return false;
+    return a->starttls == CFG_STARTTLS_YES || (a->starttls == CFG_STARTTLS_DEFAULT && c->starttls);
+}
+
+bool cfg_refuses_plaintext_auth(const struct cfg *c, bool offers_starttls)
+{
+    return c->allow_plaintext_auth == CFG_PLAINAUTH_NO ||
+           (c->allow_plaintext_auth == CFG_PLAINAUTH_AUTO && offers_starttls);
+}
+
+/* What the TLS options need of each other (the files are read by the
+ * proxy at start, not here). */
+static int cfg_validate_tls(const struct cfg *c, char *err, size_t errlen)
+{
+    char a[300];
+
+    if (c->n_tls_cert != c->n_tls_key)
+        return cfg_fail(err, errlen, "tls-cert and tls-key: %zu certificate(s) but %zu key(s)",
+                        c->n_tls_cert, c->n_tls_key);
+    if (c->n_listen_tls > 0 && c->n_tls_cert == 0)
+        return cfg_fail(err, errlen, "listen-tls needs tls-cert and tls-key");
+    for (size_t i = 0; i < c->n_listen; i++) {
+        if (c->listen[i].starttls == CFG_STARTTLS_YES && c->n_tls_cert == 0) {
+            fmt_addr(a, sizeof(a), &c->listen[i]);
+            return cfg_fail(err, errlen, "listen %s/starttls needs tls-cert and tls-key", a);
+        }
+    }
+    if ((c->upstream_cert == NULL) != (c->upstream_key == NULL))
+        return cfg_fail(err, errlen, "upstream-cert and upstream-key go together");
+    if (c->upstream_tls != CFG_UPTLS_NONE && c->upstream_verify && c->upstream_ca == NULL)
+        return cfg_fail(err, errlen,
+                        "upstream-ca: needed to verify the upstream (or upstream-verify = no)");
+    return 0;
+}
+
 int cfg_validate(const struct cfg *c, char *err, size_t errlen)
 {
+    if (c->n_listen + c->n_listen_tls == 0)
+        return cfg_fail(err, errlen,
+                        "listen: at least one listen or listen-tls address is required "
+                        "(--listen HOST:PORT)");
     for (size_t i = 0; i < CFG_N_OPTS; i++) {
         const struct cfg_opt *o = &cfg_opts[i];
         const void *f = cfg_cfield(c, o->off);
@@ -880,6 +1070,8 @@ int cfg_validate(const struct cfg *c, char *err, size_t errlen)
             break;
         case CFG_T_BOOL:
         case CFG_T_LEVEL:
+        case CFG_T_STRS:
+        case CFG_T_ENUM:
             break;
         }
     }
@@ -889,12 +1081,30 @@ int cfg_validate(const struct cfg *c, char *err, size_t errlen)
                         c->low_water, c->high_water);
     if (c->condstore && c->redis == NULL)
         return cfg_fail(err, errlen, "condstore needs redis (the state store)");
-    return 0;
+    return cfg_validate_tls(c, err, errlen);
 }
 
 size_t cfg_warn(const struct cfg *c, FILE *f)
 {
     size_t n = 0;
+
+    if (c->upstream_tls != CFG_UPTLS_NONE && !c->upstream_verify) {
+        n++;
+        if (f != NULL)
+            fprintf(f, "warning: upstream-verify = no: the upstream's certificate is not "
+                       "checked; anyone on the path can impersonate it\n");
+    }
+    if (c->allow_plaintext_auth == CFG_PLAINAUTH_NO && c->n_listen_tls == 0) {
+        bool any = false;
+        for (size_t i = 0; i < c->n_listen; i++)
+            any = any || cfg_offers_starttls(c, &c->listen[i]);
+        if (!any) {
+            n++;
+            if (f != NULL)
+                fprintf(f, "warning: allow-plaintext-auth = no but no listener offers TLS: "
+                           "no client can log in with a password\n");
+        }
+    }
 
     if (c->idle_timeout < CFG_IDLE_RFC_MIN) {
         n++;
@@ -905,14 +1115,6 @@ size_t cfg_warn(const struct cfg *c, FILE *f)
                     c->idle_timeout);
     }
     return n;
-}
-
-static void fmt_addr(char *out, size_t outlen, const struct cfg_addr *a)
-{
-    if (strchr(a->host, ':') != NULL)
-        snprintf(out, outlen, "[%s]:%u", a->host, (unsigned)a->port);
-    else
-        snprintf(out, outlen, "%s:%u", a->host, (unsigned)a->port);
 }
 
 /* The text form of option o's value in c, as the parsers read it back;
@@ -948,9 +1150,13 @@ static void fmt_value(const struct cfg *c, const struct cfg_opt *o, char *out, s
             fmt_addr(out, outlen, f);
         break;
     case CFG_T_LISTEN:
+    case CFG_T_STRS:
         break;
     case CFG_T_LEVEL:
         snprintf(out, outlen, "%s", log_level_name(*(const enum log_level *)f));
+        break;
+    case CFG_T_ENUM:
+        enum_name(o, *(const int *)f, out, outlen);
         break;
     }
 }
@@ -965,12 +1171,22 @@ void cfg_print(const struct cfg *c, FILE *f)
         if (o->flags & CFG_F_NOFILE)
             continue;
         if (o->type == CFG_T_LISTEN) {
+            static const char *const suffix[] = {"", "/starttls", "/plain"};
             const struct cfg_addr *list = *(struct cfg_addr *const *)cfg_cfield(c, o->off);
             size_t n = *(const size_t *)cfg_cfield(c, o->off_n);
             for (size_t j = 0; j < n; j++) {
                 fmt_addr(val, sizeof(val), &list[j]);
-                fprintf(f, "%s = %s\n", o->name, val);
+                fprintf(f, "%s = %s%s\n", o->name, val, suffix[list[j].starttls % 3]);
             }
+            if (n == 0)
+                fprintf(f, "# %s = (unset)\n", o->name);
+            continue;
+        }
+        if (o->type == CFG_T_STRS) {
+            char *const *list = *(char **const *)cfg_cfield(c, o->off);
+            size_t n = *(const size_t *)cfg_cfield(c, o->off_n);
+            for (size_t j = 0; j < n; j++)
+                fprintf(f, "%s = %s\n", o->name, list[j]);
             if (n == 0)
                 fprintf(f, "# %s = (unset)\n", o->name);
             continue;
@@ -1031,7 +1247,10 @@ void cfg_usage(FILE *f, const char *prog)
         snprintf(text, sizeof(text), "%s%s%s%s%s", o->help, o->def != NULL ? " [default: " : "",
                  o->def != NULL ? o->def : "", o->def != NULL ? "]" : "",
                  (o->flags & CFG_F_REQUIRED) ? " [required]" : "");
-        fprintf(f, "  %-28s ", left);
+        if (strlen(left) > 28)
+            fprintf(f, "  %s\n%31s", left, "");
+        else
+            fprintf(f, "  %-28s ", left);
         usage_wrap(f, text, 31, 79);
     }
     fprintf(f, "  %-28s ", "--check-config FILE");

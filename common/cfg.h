@@ -21,16 +21,20 @@
  *
  * Options (field = option name with dashes as underscores):
  *
- *   listen HOST:PORT      repeatable, at least one. 127.0.0.1:1143,
- *                         [::1]:1143, [::]:143 (all IPv6), *:143 (all IPv4,
- *                         stored as 0.0.0.0; give [::]:143 too for both).
- *                         IP literals only. Each source that sets listen
- *                         replaces the list of the sources before it; within
- *                         one source occurrences append. One value may hold
- *                         several addresses separated by commas or spaces
- *                         (the usual form in QRESYNCD_LISTEN).
+ *   listen HOST:PORT      repeatable; listen or listen-tls at least once.
+ *                         127.0.0.1:1143, [::1]:1143, [::]:143 (all IPv6),
+ *                         *:143 (all IPv4, stored as 0.0.0.0; give [::]:143
+ *                         too for both). IP literals only. Each source that
+ *                         sets listen replaces the list of the sources
+ *                         before it; within one source occurrences append.
+ *                         One value may hold several addresses separated by
+ *                         commas or spaces (the usual form in
+ *                         QRESYNCD_LISTEN). A /starttls or /plain suffix
+ *                         overrides the starttls option for that address.
+ *   listen-tls HOST:PORT  the same, for implicit TLS (993-style); no suffix.
  *   upstream HOST:PORT    required; HOST is a name, IPv4 or [IPv6].
- *   upstream-name NAME    name for logs (and TLS later); default: upstream's host.
+ *   upstream-name NAME    name for logs, SNI and the upstream certificate's
+ *                         check; default: upstream's host.
  *   redis URL             optional; redis://[user[:pass]@]host[:port][/db],
  *                         rediss://..., unix:///path. Only the scheme is
  *                         checked. Empty = none.
@@ -48,12 +52,28 @@
  *   log-level LEVEL       info          err|warn|info|debug
  *   condstore BOOL        no            offer CONDSTORE; needs redis (work
  *                                       in progress, see README)
+ *   tls-cert FILE         repeatable, paired in order with tls-key FILE
+ *                         (as many of each); the first pair is the default,
+ *                         SNI picks among them. Needed by listen-tls and by
+ *                         /starttls addresses.
+ *   tls-ciphers LIST      mbedTLS suite names; NULL = built-in list
+ *   starttls BOOL         yes           STARTTLS on listen addresses, when
+ *                                       a certificate is configured
+ *   allow-plaintext-auth  auto          auto|yes|no. auto: LOGIN/AUTH=PLAIN
+ *                                       refused before TLS exactly where
+ *                                       STARTTLS is offered (so without
+ *                                       tls-cert nothing changes)
+ *   tls-handshake-timeout DUR 10        [1, 1h]
+ *   upstream-tls          none          none|starttls|implicit
+ *   upstream-ca FILE      /etc/ssl/certs/ca-certificates.crt (file or dir)
+ *   upstream-verify BOOL  yes           no: cfg_warn() warns
+ *   upstream-cert FILE, upstream-key FILE   optional, both or neither
  *
  * Value syntax: SIZE is a number with an optional binary suffix k, m, g
  * (any case: 16k = 16384); DUR is seconds with an optional suffix s, m, h,
  * d (31m = 1860); N is a plain number; BOOL is yes/no/true/false/on/off/1/0
- * (type kept for later options; on the command line a bare --name means
- * yes). Numbers are decimal without sign; overflow is an error.
+ * (on the command line a bare --name means yes); a choice (a|b|c) is one of
+ * its names, any case. Numbers are decimal without sign; overflow is an error.
  *
  * Special command-line flags are not options; cfg_load() reports them and
  * main decides: --help/-h (want_help), --version (want_version) both stop
@@ -73,11 +93,20 @@
 #include "common/err.h"
 #include "common/log.h"
 
+/* A listen address's STARTTLS choice (its /starttls or /plain suffix). */
+enum cfg_starttls { CFG_STARTTLS_DEFAULT = 0, CFG_STARTTLS_YES, CFG_STARTTLS_NO };
+
+/* allow-plaintext-auth and upstream-tls values (indexes into their lists). */
+enum cfg_plainauth { CFG_PLAINAUTH_AUTO = 0, CFG_PLAINAUTH_YES, CFG_PLAINAUTH_NO };
+enum cfg_uptls { CFG_UPTLS_NONE = 0, CFG_UPTLS_STARTTLS, CFG_UPTLS_IMPLICIT };
+
 /* A host and port. host holds no brackets: an IPv6 literal is "::1", so
- * strchr(host, ':') != NULL tells an IPv6 literal. port is 1..65535. */
+ * strchr(host, ':') != NULL tells an IPv6 literal. port is 1..65535.
+ * starttls: enum cfg_starttls, for listen addresses only. */
 struct cfg_addr {
     char host[256];
     uint16_t port;
+    uint8_t starttls;
 };
 
 /* The configuration. Plain data, owned by whoever embeds it; strings and
@@ -85,6 +114,8 @@ struct cfg_addr {
 struct cfg {
     struct cfg_addr *listen; /* n_listen entries */
     size_t n_listen;
+    struct cfg_addr *listen_tls; /* implicit TLS; n_listen_tls entries */
+    size_t n_listen_tls;
     struct cfg_addr upstream;
     char *upstream_name; /* after cfg_load(): never NULL */
     char *redis;         /* NULL when unset */
@@ -101,6 +132,21 @@ struct cfg {
     uint64_t low_water;       /* bytes */
     enum log_level log_level;
     bool condstore; /* offer CONDSTORE; needs redis */
+
+    /* TLS (proxy/tls.h). */
+    char **tls_cert; /* n_tls_cert paths, paired with tls_key */
+    size_t n_tls_cert;
+    char **tls_key;
+    size_t n_tls_key;
+    char *tls_ciphers;              /* NULL: built-in list */
+    bool starttls;                  /* default for listen addresses without a suffix */
+    int allow_plaintext_auth;       /* enum cfg_plainauth */
+    uint64_t tls_handshake_timeout; /* seconds */
+    int upstream_tls;               /* enum cfg_uptls */
+    char *upstream_ca;              /* NULL only when emptied */
+    bool upstream_verify;
+    char *upstream_cert; /* NULL: none */
+    char *upstream_key;
 
     /* Special flags, reported to the caller. */
     bool want_help;
@@ -135,7 +181,9 @@ QR_MUST_CHECK int cfg_load_envp(struct cfg *c, int argc, char **argv, char *cons
 QR_MUST_CHECK int cfg_validate(const struct cfg *c, char *err, size_t errlen);
 
 /* Print a "warning: ..." line per accepted-but-dubious setting (idle-timeout
- * under 30 minutes) to f (NULL: only count). Returns the number of warnings. */
+ * under 30 minutes, upstream-verify = no with upstream TLS, plaintext auth
+ * refused where no listener offers TLS) to f (NULL: only count). Returns
+ * the number of warnings. */
 size_t cfg_warn(const struct cfg *c, FILE *f);
 
 /* Print the effective configuration to f as an INI file that cfg_load()
@@ -143,6 +191,14 @@ size_t cfg_warn(const struct cfg *c, FILE *f);
  * <redacted> (the password in the redis URL). Omits config and the special
  * flags. */
 void cfg_print(const struct cfg *c, FILE *f);
+
+/* Does listen address a (one of c->listen) offer STARTTLS? Only with a
+ * certificate: its /starttls or /plain suffix, else the starttls option. */
+bool cfg_offers_starttls(const struct cfg *c, const struct cfg_addr *a);
+
+/* Are LOGIN and AUTHENTICATE PLAIN/LOGIN refused before TLS on a plain
+ * connection of a listener that does (or does not) offer STARTTLS? */
+bool cfg_refuses_plaintext_auth(const struct cfg *c, bool offers_starttls);
 
 /* Print --help text generated from the option table to f. */
 void cfg_usage(FILE *f, const char *prog);

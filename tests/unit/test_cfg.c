@@ -758,6 +758,18 @@ Test(cfg, usage_lists_every_option)
         "--high-water",
         "--low-water",
         "--log-level",
+        "--listen-tls",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-ciphers",
+        "--starttls",
+        "--allow-plaintext-auth",
+        "--tls-handshake-timeout",
+        "--upstream-tls",
+        "--upstream-ca",
+        "--upstream-verify",
+        "--upstream-cert",
+        "--upstream-key",
         "--check-config",
         "--help",
         "--version",
@@ -772,4 +784,208 @@ Test(cfg, usage_lists_every_option)
         cr_assert_not_null(strstr(buf, names[i]), "%s", names[i]);
     cr_assert_not_null(strstr(buf, "Usage: qresyncd"));
     free(buf);
+}
+
+/* ---- TLS options (issue 4) ---- */
+
+Test(cfg, tls_defaults_change_nothing_without_a_certificate)
+{
+    struct load ld;
+
+    load_env(&ld, NULL, ARGS(MIN_ARGS));
+    expect_ok(&ld);
+    cr_assert_eq(ld.c.n_listen_tls, 0);
+    cr_assert_eq(ld.c.n_tls_cert, 0);
+    cr_assert_null(ld.c.tls_ciphers);
+    cr_assert(ld.c.starttls);
+    cr_assert_eq(ld.c.allow_plaintext_auth, CFG_PLAINAUTH_AUTO);
+    cr_assert_eq(ld.c.tls_handshake_timeout, 10);
+    cr_assert_eq(ld.c.upstream_tls, CFG_UPTLS_NONE);
+    cr_assert_str_eq(ld.c.upstream_ca, "/etc/ssl/certs/ca-certificates.crt");
+    cr_assert(ld.c.upstream_verify);
+    cr_assert_null(ld.c.upstream_cert);
+    cr_assert_eq(ld.c.listen[0].starttls, CFG_STARTTLS_DEFAULT);
+    /* No certificate: no STARTTLS, plaintext LOGIN allowed, as before TLS existed. */
+    cr_assert_not(cfg_offers_starttls(&ld.c, &ld.c.listen[0]));
+    cr_assert_not(cfg_refuses_plaintext_auth(&ld.c, false));
+    cr_assert_eq(cfg_warn(&ld.c, NULL), 0);
+    cfg_fini(&ld.c);
+}
+
+Test(cfg, tls_options_from_every_source)
+{
+    const char *path = tmp_file("upstream = imap.example.com:993\n"
+                                "listen-tls = 127.0.0.1:993\n"
+                                "tls-cert = /etc/a.pem\n"
+                                "tls-key = /etc/a.key\n"
+                                "tls-cert = /etc/b.pem\n"
+                                "tls-key = /etc/b.key\n"
+                                "upstream_tls = IMPLICIT\n"
+                                "tls-handshake-timeout = 1m\n");
+    struct load ld;
+
+    load_env(&ld, ENV("QRESYNCD_UPSTREAM_VERIFY=no", "QRESYNCD_ALLOW_PLAINTEXT_AUTH=no"),
+             ARGS("--config", path, "--upstream-cert", "/etc/c.pem", "--upstream-key", "/etc/c.key",
+                  "--tls-ciphers", "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256"));
+    expect_ok(&ld);
+    cr_assert_eq(ld.c.n_listen, 0);
+    cr_assert_eq(ld.c.n_listen_tls, 1);
+    cr_assert_eq(ld.c.listen_tls[0].port, 993);
+    cr_assert_eq(ld.c.n_tls_cert, 2);
+    cr_assert_str_eq(ld.c.tls_cert[1], "/etc/b.pem");
+    cr_assert_str_eq(ld.c.tls_key[1], "/etc/b.key");
+    cr_assert_eq(ld.c.upstream_tls, CFG_UPTLS_IMPLICIT);
+    cr_assert_eq(ld.c.tls_handshake_timeout, 60);
+    cr_assert_not(ld.c.upstream_verify);
+    cr_assert_eq(ld.c.allow_plaintext_auth, CFG_PLAINAUTH_NO);
+    cr_assert_str_eq(ld.c.upstream_cert, "/etc/c.pem");
+    cr_assert_str_eq(ld.c.tls_ciphers, "TLS-ECDHE-RSA-WITH-AES-128-GCM-SHA256");
+    /* verify off with upstream TLS is accepted, with a warning */
+    cr_assert_eq(cfg_warn(&ld.c, NULL), 1);
+    cfg_fini(&ld.c);
+
+    /* The command line's tls-cert list replaces the file's. */
+    load_env(&ld, NULL,
+             ARGS("--config", path, "--tls-cert", "/x.pem", "--tls-key", "/x.key", "--tls-cert",
+                  "/y.pem", "--tls-key", "/y.key"));
+    expect_ok(&ld);
+    cr_assert_eq(ld.c.n_tls_cert, 2);
+    cr_assert_str_eq(ld.c.tls_cert[0], "/x.pem");
+    cr_assert_str_eq(ld.c.tls_key[1], "/y.key");
+    cfg_fini(&ld.c);
+}
+
+Test(cfg, listen_starttls_suffixes)
+{
+    struct load ld;
+
+    load_env(&ld, NULL,
+             ARGS("--upstream", "h:143", "--listen", "127.0.0.1:143/plain,[::1]:143/starttls",
+                  "--listen", "127.0.0.1:144", "--tls-cert", "/a.pem", "--tls-key", "/a.key",
+                  "--starttls=no"));
+    expect_ok(&ld);
+    cr_assert_eq(ld.c.n_listen, 3);
+    cr_assert_eq(ld.c.listen[0].starttls, CFG_STARTTLS_NO);
+    cr_assert_str_eq(ld.c.listen[1].host, "::1");
+    cr_assert_eq(ld.c.listen[1].starttls, CFG_STARTTLS_YES);
+    cr_assert_eq(ld.c.listen[2].starttls, CFG_STARTTLS_DEFAULT);
+    cr_assert_not(cfg_offers_starttls(&ld.c, &ld.c.listen[0]));
+    cr_assert(cfg_offers_starttls(&ld.c, &ld.c.listen[1]));
+    cr_assert_not(cfg_offers_starttls(&ld.c, &ld.c.listen[2])); /* --starttls no */
+    ld.c.starttls = true;
+    cr_assert(cfg_offers_starttls(&ld.c, &ld.c.listen[2]));
+    char *text = print_cfg(&ld.c);
+    cr_assert_not_null(strstr(text, "listen = 127.0.0.1:143/plain\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "listen = [::1]:143/starttls\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "listen = 127.0.0.1:144\n"), "%s", text);
+    free(text);
+    cfg_fini(&ld.c);
+
+    load_env(&ld, NULL, ARGS("--upstream", "h:143", "--listen", "127.0.0.1:143/tls"));
+    expect_err(&ld, "--listen: '127.0.0.1:143/tls': suffix must be /starttls or /plain");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL,
+             ARGS("--upstream", "h:143", "--listen-tls", "127.0.0.1:993/plain", "--tls-cert",
+                  "/a.pem", "--tls-key", "/a.key"));
+    expect_err(&ld, "--listen-tls: '127.0.0.1:993/plain': no /suffix");
+    cfg_fini(&ld.c);
+}
+
+Test(cfg, plaintext_auth_policy)
+{
+    struct cfg c;
+
+    cfg_init(&c);
+    /* auto: refused exactly where STARTTLS is offered */
+    cr_assert(cfg_refuses_plaintext_auth(&c, true));
+    cr_assert_not(cfg_refuses_plaintext_auth(&c, false));
+    c.allow_plaintext_auth = CFG_PLAINAUTH_YES;
+    cr_assert_not(cfg_refuses_plaintext_auth(&c, true));
+    c.allow_plaintext_auth = CFG_PLAINAUTH_NO;
+    cr_assert(cfg_refuses_plaintext_auth(&c, false));
+    cfg_fini(&c);
+}
+
+Test(cfg, tls_validation)
+{
+    struct load ld;
+
+    load_env(&ld, NULL, ARGS("--upstream", "h:143", "--listen-tls", "127.0.0.1:993"));
+    expect_err(&ld, "listen-tls needs tls-cert");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--tls-cert", "/a.pem"));
+    expect_err(&ld, "1 certificate(s) but 0 key(s)");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS("--upstream", "h:143", "--listen", "127.0.0.1:143/starttls"));
+    expect_err(&ld, "listen 127.0.0.1:143/starttls needs tls-cert");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--upstream-cert", "/c.pem"));
+    expect_err(&ld, "upstream-cert and upstream-key go together");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--upstream-tls", "starttls", "--upstream-ca", ""));
+    expect_err(&ld, "upstream-ca");
+    cfg_fini(&ld.c);
+    load_env(
+        &ld, NULL,
+        ARGS(MIN_ARGS, "--upstream-tls", "starttls", "--upstream-ca", "", "--upstream-verify=no"));
+    expect_ok(&ld);
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--upstream-tls", "maybe"));
+    expect_err(&ld, "--upstream-tls: 'maybe' is not one of none|starttls|implicit");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--allow-plaintext-auth", "sometimes"));
+    expect_err(&ld, "is not one of auto|yes|no");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--tls-handshake-timeout", "2h"));
+    expect_err(&ld, "tls-handshake-timeout");
+    cfg_fini(&ld.c);
+}
+
+Test(cfg, tls_warnings)
+{
+    struct load ld;
+
+    /* verify off without upstream TLS: nothing to warn about */
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--upstream-verify=no"));
+    expect_ok(&ld);
+    cr_assert_eq(cfg_warn(&ld.c, NULL), 0);
+    cfg_fini(&ld.c);
+    /* plaintext auth refused and no TLS anywhere: nobody can log in */
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--allow-plaintext-auth", "no"));
+    expect_ok(&ld);
+    cr_assert_eq(cfg_warn(&ld.c, NULL), 1);
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL,
+             ARGS(MIN_ARGS, "--allow-plaintext-auth", "no", "--tls-cert", "/a", "--tls-key", "/b"));
+    expect_ok(&ld);
+    cr_assert_eq(cfg_warn(&ld.c, NULL), 0);
+    cfg_fini(&ld.c);
+}
+
+Test(cfg, tls_print_round_trip)
+{
+    struct load a, b;
+
+    load_env(&a, NULL,
+             ARGS("--listen", "127.0.0.1:143/plain", "--listen-tls", "[::1]:993", "--upstream",
+                  "imap.example.com:993", "--tls-cert", "/a.pem", "--tls-key", "/a.key",
+                  "--tls-cert", "/b.pem", "--tls-key", "/b.key", "--upstream-tls", "implicit",
+                  "--allow-plaintext-auth", "no", "--upstream-verify=no", "--starttls=no",
+                  "--upstream-cert", "/c.pem", "--upstream-key", "/c.key"));
+    expect_ok(&a);
+    char *text = print_cfg(&a.c);
+    cr_assert_not_null(strstr(text, "upstream-tls = implicit\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "allow-plaintext-auth = no\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "tls-cert = /b.pem\n"), "%s", text);
+    cr_assert_not_null(strstr(text, "listen-tls = [::1]:993\n"), "%s", text);
+    load_env(&b, NULL, ARGS("--config", tmp_file(text)));
+    expect_ok(&b);
+    char *text2 = print_cfg(&b.c);
+    cr_assert_str_eq(text, text2);
+    cr_assert_eq(b.c.n_tls_key, 2);
+    cr_assert_eq(b.c.listen[0].starttls, CFG_STARTTLS_NO);
+    free(text);
+    free(text2);
+    cfg_fini(&a.c);
+    cfg_fini(&b.c);
 }
