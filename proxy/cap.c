@@ -51,9 +51,40 @@ static uint32_t cap_bit_of(const char *p, size_t len)
 bool cap_is_withheld(const char *atom, size_t len)
 {
     /* The proxy parses every byte it relays: a compressed stream would be
-     * opaque to it, and until TLS is terminated here, STARTTLS would be
-     * negotiated with the upstream behind the proxy's back. */
+     * opaque to it, and the upstream's STARTTLS would be negotiated behind
+     * the proxy's back (issue 4: never passed through). */
     return atom_has_prefix(atom, len, "COMPRESS=") || atom_is(atom, len, "STARTTLS");
+}
+
+bool cap_is_plaintext_mech(const char *name, size_t len)
+{
+    return atom_is(name, len, "PLAIN") || atom_is(name, len, "LOGIN") ||
+           atom_is(name, len, "XOAUTH2") || atom_is(name, len, "OAUTHBEARER");
+}
+
+/* Is this atom left out for this session's policy? */
+static bool cap_is_dropped(const char *atom, size_t len, const struct cap_policy *pol)
+{
+    if (cap_is_withheld(atom, len))
+        return true;
+    if (!pol->refuse_plain_auth)
+        return false;
+    if (atom_is(atom, len, "LOGINDISABLED"))
+        return true; /* appended once below */
+    return atom_has_prefix(atom, len, "AUTH=") && cap_is_plaintext_mech(atom + 5, len - 5);
+}
+
+/* Append " atom" (no space when it is the list's first). */
+static int cap_add(struct buf *out, bool *first, const char *atom, size_t limit)
+{
+    int rc = 0;
+
+    if (!*first)
+        rc = buf_append(out, " ", 1, limit);
+    if (rc == 0)
+        rc = buf_append(out, atom, strlen(atom), limit);
+    *first = false;
+    return rc;
 }
 
 uint32_t cap_parse(const char *p, size_t len)
@@ -131,7 +162,7 @@ enum cap_where cap_find(const char *line, size_t len, size_t *off_out, size_t *l
     return CAP_CODE;
 }
 
-int cap_rewrite_line(const char *line, size_t len, bool add_condstore, struct buf *out,
+int cap_rewrite_line(const char *line, size_t len, const struct cap_policy *pol, struct buf *out,
                      size_t limit, uint32_t *bits_out)
 {
     size_t off, list_len;
@@ -150,7 +181,7 @@ int cap_rewrite_line(const char *line, size_t len, bool add_condstore, struct bu
         size_t start = i;
         while (i < end && line[i] != ' ')
             i++;
-        if (i == start || cap_is_withheld(line + start, i - start))
+        if (i == start || cap_is_dropped(line + start, i - start, pol))
             continue;
         if (!first)
             rc = buf_append(out, " ", 1, limit);
@@ -161,12 +192,16 @@ int cap_rewrite_line(const char *line, size_t len, bool add_condstore, struct bu
     /* RFC 7162 §3.2.3 wants ENABLE with QRESYNC; CONDSTORE clients use it
      * too (EN-01, U5). X13: an upstream that has CONDSTORE itself is
      * passed through as it is. */
-    if (add_condstore && !(*bits_out & CAP_CONDSTORE)) {
+    if (pol->add_condstore && !(*bits_out & CAP_CONDSTORE)) {
         if (rc == 0)
-            rc = buf_append(out, first ? "CONDSTORE" : " CONDSTORE", first ? 9 : 10, limit);
+            rc = cap_add(out, &first, "CONDSTORE", limit);
         if (rc == 0 && !(*bits_out & CAP_ENABLE))
-            rc = buf_append(out, " ENABLE", 7, limit);
+            rc = cap_add(out, &first, "ENABLE", limit);
     }
+    if (pol->add_starttls && rc == 0)
+        rc = cap_add(out, &first, "STARTTLS", limit);
+    if (pol->refuse_plain_auth && rc == 0)
+        rc = cap_add(out, &first, "LOGINDISABLED", limit);
     if (rc == 0)
         rc = buf_append(out, line + end, len - end, limit);
     return rc;

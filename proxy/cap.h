@@ -6,13 +6,24 @@
  * them goes through cap_rewrite_line(), so what the proxy offers is decided
  * here only (X12: advertise nothing that cannot be served end to end).
  *
- * The proxy removes what it cannot carry, and adds CONDSTORE (with ENABLE
- * where missing) for sessions that get it (add_condstore):
+ * The proxy always removes what it cannot carry:
  *   - COMPRESS=* (the proxy reads every byte; a compressed stream would be
  *     opaque to it),
- *   - STARTTLS (until the proxy terminates TLS itself).
- * add_condstore is decided once per session (CS-01, DESIGN inv. 6), and
- * never adds to an upstream that has CONDSTORE itself (X13).
+ *   - the upstream's STARTTLS (TLS with the upstream is the proxy's own
+ *     business, upstream-tls; a client's TLS ends at the proxy).
+ * What else a session is offered is its struct cap_policy, appended after
+ * the upstream's atoms in this order:
+ *   - CONDSTORE (with ENABLE where missing) for sessions that get it,
+ *     decided once per session (CS-01, DESIGN inv. 6), never added to an
+ *     upstream that has CONDSTORE itself (X13);
+ *   - STARTTLS where qresyncd itself offers it (a plain connection on a
+ *     listener with STARTTLS, before login);
+ *   - LOGINDISABLED where plaintext passwords are refused before TLS (RFC
+ *     3501 §6.2.3, RFC 8314); the mechanisms that carry a password or a
+ *     bearer token in the clear (cap_is_plaintext_mech) are then removed
+ *     from the AUTH= atoms, as Dovecot does, and the command stage refuses
+ *     them; an upstream's own LOGINDISABLED is kept (its LOGIN would fail)
+ *     and never doubled.
  *
  * Pure code: no I/O, no allocation except through the caller's struct buf.
  */
@@ -62,15 +73,27 @@ enum cap_where {
  * On success *off_out and *len_out delimit the list's atoms inside line. */
 enum cap_where cap_find(const char *line, size_t len, size_t *off_out, size_t *len_out);
 
+/* What one session is offered beyond the upstream's own list. */
+struct cap_policy {
+    bool add_condstore;     /* CONDSTORE, and ENABLE where the upstream lacks it */
+    bool add_starttls;      /* qresyncd offers STARTTLS on this connection */
+    bool refuse_plain_auth; /* LOGINDISABLED; no AUTH= for plaintext mechanisms */
+};
+
 /* Rewrite the list in a response line: copy line to out with the list
- * replaced by the proxy's own (add_condstore: CONDSTORE, and ENABLE where
- * the upstream lacks it, appended). *bits_out receives the upstream's bits (as
- * cap_parse of the original list). Returns 0, or QR_ELIMIT/QR_ENOMEM from
- * growing out beyond limit, or QR_EINVAL when the line holds no list. */
-QR_MUST_CHECK int cap_rewrite_line(const char *line, size_t len, bool add_condstore,
+ * replaced by the proxy's own for policy pol (see above). *bits_out
+ * receives the upstream's bits (as cap_parse of the original list).
+ * Returns 0, or QR_ELIMIT/QR_ENOMEM from growing out beyond limit, or
+ * QR_EINVAL when the line holds no list. */
+QR_MUST_CHECK int cap_rewrite_line(const char *line, size_t len, const struct cap_policy *pol,
                                    struct buf *out, size_t limit, uint32_t *bits_out);
 
-/* True when the proxy withholds this capability atom from clients. */
+/* True when the proxy withholds this capability atom from every client. */
 bool cap_is_withheld(const char *atom, size_t len);
+
+/* True for the SASL mechanisms (name, any case) that send a reusable
+ * secret in the clear: PLAIN, LOGIN, and the bearer-token XOAUTH2 and
+ * OAUTHBEARER. Refused before TLS where plaintext auth is. */
+bool cap_is_plaintext_mech(const char *name, size_t len);
 
 #endif

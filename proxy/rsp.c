@@ -326,7 +326,8 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
         /* One function decides every capability list a client sees. */
         struct buf tmp = {0};
         uint32_t bits;
-        int rc = cap_rewrite_line(b, len, s->offers_condstore, &tmp, len + 64, &bits);
+        struct cap_policy pol = {.add_condstore = s->offers_condstore};
+        int rc = cap_rewrite_line(b, len, &pol, &tmp, len + 64, &bits);
         if (rc == 0) {
             s->up_caps = bits;
             s->knows_up_caps = true;

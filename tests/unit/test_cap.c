@@ -5,10 +5,13 @@
 
 #include "proxy/cap.h"
 
+static const struct cap_policy no_extras = {0};
+static const struct cap_policy condstore = {.add_condstore = true};
+
 static char *rewrite(const char *line, uint32_t *bits)
 {
     struct buf out = {0};
-    int rc = cap_rewrite_line(line, strlen(line), false, &out, 4096, bits);
+    int rc = cap_rewrite_line(line, strlen(line), &no_extras, &out, 4096, bits);
     cr_assert_eq(rc, 0, "rewrite of %s failed: %d", line, rc);
     char *s = strndup(out.p, out.len);
     buf_fini(&out);
@@ -76,7 +79,8 @@ Test(cap, lines_without_a_list_are_not_touched)
         cr_assert_eq(cap_find(lines[i], strlen(lines[i]), &off, &len), CAP_NONE, "%s", lines[i]);
     struct buf out = {0};
     uint32_t bits;
-    cr_assert_eq(cap_rewrite_line(lines[0], strlen(lines[0]), false, &out, 100, &bits), QR_EINVAL);
+    cr_assert_eq(cap_rewrite_line(lines[0], strlen(lines[0]), &no_extras, &out, 100, &bits),
+                 QR_EINVAL);
     buf_fini(&out);
 }
 
@@ -97,7 +101,7 @@ Test(cap, rewrite_respects_limit)
     struct buf out = {0};
     uint32_t bits;
     const char *l = "* CAPABILITY IMAP4rev1 IDLE\r\n";
-    cr_assert_eq(cap_rewrite_line(l, strlen(l), false, &out, 8, &bits), QR_ELIMIT);
+    cr_assert_eq(cap_rewrite_line(l, strlen(l), &no_extras, &out, 8, &bits), QR_ELIMIT);
     buf_fini(&out);
 }
 
@@ -105,7 +109,7 @@ static char *rewrite_cs(const char *line)
 {
     struct buf out = {0};
     uint32_t bits;
-    cr_assert_eq(cap_rewrite_line(line, strlen(line), true, &out, 4096, &bits), 0);
+    cr_assert_eq(cap_rewrite_line(line, strlen(line), &condstore, &out, 4096, &bits), 0);
     char *s = strndup(out.p, out.len);
     buf_fini(&out);
     return s;
@@ -130,4 +134,76 @@ Test(cap, x13_upstream_condstore_left_as_is)
     char *s = rewrite_cs("* CAPABILITY IMAP4rev1 CONDSTORE ENABLE\r\n");
     cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 CONDSTORE ENABLE\r\n");
     free(s);
+}
+
+/* ---- TLS policy (issue 4 point 3) ---- */
+
+static char *rewrite_pol(const char *line, const struct cap_policy *pol)
+{
+    struct buf out = {0};
+    uint32_t bits;
+    cr_assert_eq(cap_rewrite_line(line, strlen(line), pol, &out, 4096, &bits), 0);
+    char *s = strndup(out.p, out.len);
+    buf_fini(&out);
+    return s;
+}
+
+Test(cap, starttls_advertised_only_as_the_proxys_own)
+{
+    static const struct cap_policy offer = {.add_starttls = true};
+    /* The upstream's STARTTLS never passes; the proxy's own is appended. */
+    char *s = rewrite_pol("* CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN\r\n", &offer);
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 AUTH=PLAIN STARTTLS\r\n");
+    free(s);
+    s = rewrite_pol("* CAPABILITY IMAP4rev1 IDLE\r\n", &offer);
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 IDLE STARTTLS\r\n");
+    free(s);
+    s = rewrite_pol("* CAPABILITY IMAP4rev1 STARTTLS\r\n", &no_extras);
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1\r\n");
+    free(s);
+}
+
+Test(cap, logindisabled_hides_plaintext_mechanisms_rfc3501_6_2_3)
+{
+    static const struct cap_policy refuse = {.add_starttls = true, .refuse_plain_auth = true};
+    char *s =
+        rewrite_pol("* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN AUTH=login "
+                    "AUTH=CRAM-MD5 AUTH=XOAUTH2 AUTH=OAUTHBEARER AUTH=SCRAM-SHA-256] ready\r\n",
+                    &refuse);
+    cr_assert_str_eq(s, "* OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=CRAM-MD5 AUTH=SCRAM-SHA-256 "
+                        "STARTTLS LOGINDISABLED] ready\r\n");
+    free(s);
+    /* The upstream's own LOGINDISABLED is not doubled... */
+    s = rewrite_pol("* CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS\r\n", &refuse);
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED\r\n");
+    free(s);
+    /* ...and kept where the proxy itself allows plaintext (its LOGIN would fail). */
+    s = rewrite_pol("* CAPABILITY IMAP4rev1 LOGINDISABLED STARTTLS\r\n", &no_extras);
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 LOGINDISABLED\r\n");
+    free(s);
+}
+
+Test(cap, all_extras_in_a_fixed_order)
+{
+    static const struct cap_policy all = {
+        .add_condstore = true, .add_starttls = true, .refuse_plain_auth = true};
+    char *s = rewrite_pol("* CAPABILITY IMAP4rev1\r\n", &all);
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 CONDSTORE ENABLE STARTTLS LOGINDISABLED\r\n");
+    free(s);
+    /* an empty list gets no leading space */
+    s = rewrite_pol("* CAPABILITY STARTTLS\r\n", &all);
+    cr_assert_str_eq(s, "* CAPABILITY CONDSTORE ENABLE STARTTLS LOGINDISABLED\r\n");
+    free(s);
+}
+
+Test(cap, plaintext_mechanisms)
+{
+    cr_assert(cap_is_plaintext_mech("PLAIN", 5));
+    cr_assert(cap_is_plaintext_mech("plain", 5));
+    cr_assert(cap_is_plaintext_mech("LOGIN", 5));
+    cr_assert(cap_is_plaintext_mech("XOAUTH2", 7));
+    cr_assert(cap_is_plaintext_mech("OAUTHBEARER", 11));
+    cr_assert_not(cap_is_plaintext_mech("CRAM-MD5", 8));
+    cr_assert_not(cap_is_plaintext_mech("SCRAM-SHA-1", 11));
+    cr_assert_not(cap_is_plaintext_mech("PLAINX", 6));
 }
