@@ -81,6 +81,8 @@ void cmd_pending_retire(struct sess *s)
         s->n_pending--;
         pending_free(&p);
     }
+    if (s->head == NULL && !s->is_closing)
+        sync_idle(s);
 }
 
 void cmd_pending_free_all(struct sess *s)
@@ -313,6 +315,248 @@ struct pending *cmd_internal(struct sess *s, const char *text)
     return p;
 }
 
+struct pending *cmd_send_line(struct sess *s, const char *tag, size_t tag_len, const char *line,
+                              size_t len)
+{
+    struct pending *p = pending_add(s, CMD_OTHER, tag, tag_len);
+    p->up_tag = ++s->next_tag;
+    char t[24];
+    int n = snprintf(t, sizeof(t), "Q%llu", (unsigned long long)p->up_tag);
+    sess_send(&s->up, NULL, t, (size_t)n);
+    sess_send(&s->up, NULL, line, len);
+    return p;
+}
+
+void cmd_local_answer(struct sess *s, const char *tag, size_t tag_len, const char *text)
+{
+    pending_local(s, tag, tag_len, text);
+    cmd_pending_retire(s);
+}
+
+/* ------------------------------------------- CONDSTORE command rewrites */
+
+/* A token of a whole command line: its bytes are line[from, to). */
+struct ltok {
+    enum tok_kind kind;
+    unsigned depth; /* list depth before the token */
+    uint64_t num;
+    size_t from, to;
+};
+
+#define LTOK_MAX 256
+
+/* Tokenise a complete line without literals (b ends at its CRLF). Returns
+ * the number of tokens, or -1 when the line has a literal or is longer
+ * than LTOK_MAX tokens (then it is passed on unchanged). */
+static int cmd_line_tokens(struct sess *s, const char *b, size_t len, struct ltok *out)
+{
+    struct tok t;
+    size_t off = 0;
+    int n = 0;
+    unsigned depth = 0;
+
+    tok_init(&t, TOK_CLIENT, &s->ctx->cli_lim);
+    while (off < len) {
+        struct tok_ev ev;
+        size_t used = 0;
+        int rc = tok_next(&t, b + off, len - off, &used, &ev);
+        size_t from = off;
+        off += used;
+        if (rc != TOK_EVENT || ev.kind == TOK_LIT_START || n == LTOK_MAX) {
+            n = -1;
+            break;
+        }
+        if (ev.kind == TOK_EOL)
+            break;
+        while (from < off && b[from] == ' ')
+            from++;
+        out[n] = (struct ltok){ev.kind, depth, ev.num, from, off};
+        if (ev.kind == TOK_LIST_OPEN || ev.kind == TOK_LIST_CLOSE)
+            depth = ev.depth;
+        n++;
+    }
+    tok_fini(&t);
+    return n;
+}
+
+static bool ltok_is(const char *b, const struct ltok *t, const char *word)
+{
+    size_t n = strlen(word);
+    return t->kind == TOK_ATOM && t->to - t->from == n && strncasecmp(b + t->from, word, n) == 0;
+}
+
+static bool ltok_prefix(const char *b, const struct ltok *t, const char *word)
+{
+    size_t n = strlen(word);
+    return t->kind == TOK_ATOM && t->to - t->from >= n && strncasecmp(b + t->from, word, n) == 0;
+}
+
+/* A fetch item that sets \Seen on a read-write selection (CS-54). */
+static bool item_sets_seen(const char *b, const struct ltok *t)
+{
+    return (ltok_prefix(b, t, "BODY[") || ltok_prefix(b, t, "BINARY[") || ltok_is(b, t, "RFC822") ||
+            ltok_is(b, t, "RFC822.TEXT"));
+}
+
+/* FETCH / UID FETCH for a CONDSTORE-aware session (CS-50, CS-52, CS-53,
+ * CS-54): MODSEQ leaves the item list and FLAGS and UID join it, so every
+ * answer line is an observation whose MODSEQ matches its flags (CS-51);
+ * CHANGEDSINCE goes to proxy/sync.c. Returns true when it handled the
+ * command. */
+static bool cmd_fetch(struct sess *s, const char *b, size_t len, bool ended_in_literal)
+{
+    struct ltok tk[LTOK_MAX];
+    int n = ended_in_literal ? -1 : cmd_line_tokens(s, b, len, tk);
+    int i = 2;
+
+    if (n < 0)
+        return false;
+    bool is_uid = ltok_is(b, &tk[1], "UID");
+    if (is_uid)
+        i = 3;
+    if (n < i + 2 || !ltok_is(b, &tk[i - 1], "FETCH"))
+        return false;
+    const struct ltok *set = &tk[i++];
+    bool has_flags = false, has_uid = false, has_modseq = false, sets_seen = false;
+    bool is_macro = false;
+    struct buf items = {0};
+    int rc = 0;
+    if (tk[i].kind == TOK_LIST_OPEN) {
+        for (i++; i < n && tk[i].kind != TOK_LIST_CLOSE; i++) {
+            if (ltok_is(b, &tk[i], "MODSEQ")) {
+                has_modseq = true;
+                continue;
+            }
+            has_flags |= ltok_is(b, &tk[i], "FLAGS");
+            has_uid |= ltok_is(b, &tk[i], "UID");
+            sets_seen |= item_sets_seen(b, &tk[i]);
+            if (items.len > 0)
+                rc |= buf_append(&items, " ", 1, SIZE_MAX);
+            rc |= buf_append(&items, b + tk[i].from, tk[i].to - tk[i].from, SIZE_MAX);
+        }
+        i++;
+    } else {
+        is_macro =
+            ltok_is(b, &tk[i], "ALL") || ltok_is(b, &tk[i], "FAST") || ltok_is(b, &tk[i], "FULL");
+        if (ltok_is(b, &tk[i], "MODSEQ")) {
+            has_modseq = true;
+        } else {
+            has_flags = is_macro || ltok_is(b, &tk[i], "FLAGS");
+            has_uid = ltok_is(b, &tk[i], "UID");
+            sets_seen = item_sets_seen(b, &tk[i]);
+            rc |= buf_append(&items, b + tk[i].from, tk[i].to - tk[i].from, SIZE_MAX);
+        }
+        i++;
+    }
+    /* Modifiers (RFC 4466 §2.4): CHANGEDSINCE only; VANISHED needs QRESYNC
+     * (X9); anything else is BAD (CS-53). */
+    bool has_since = false, is_bad = false;
+    uint64_t since = 0;
+    if (i < n && tk[i].kind == TOK_LIST_OPEN) {
+        for (i++; i < n && tk[i].kind != TOK_LIST_CLOSE; i++) {
+            if (ltok_is(b, &tk[i], "CHANGEDSINCE") && !has_since && i + 1 < n &&
+                tk[i + 1].kind == TOK_NUMBER && tk[i + 1].num <= INT64_MAX) {
+                has_since = true;
+                since = tk[++i].num;
+            } else {
+                is_bad = true; /* CS-10: above 2^63-1 too */
+            }
+        }
+        i++;
+    }
+    if (i != n || is_bad || rc != 0) {
+        buf_fini(&items);
+        cmd_refuse(s, is_bad ? "BAD Invalid FETCH modifier" : "BAD Invalid FETCH arguments", false);
+        return true;
+    }
+    if (!has_modseq && !has_since && !(sets_seen && !has_flags)) {
+        buf_fini(&items);
+        return false; /* nothing to change: relayed as sent */
+    }
+    struct buf list = {0};
+    rc = 0;
+    if (is_macro) {
+        rc |= buf_append(&list, items.p, items.len, SIZE_MAX);
+    } else {
+        rc |= buf_append(&list, "(", 1, SIZE_MAX);
+        rc |= buf_append(&list, items.p, items.len, SIZE_MAX);
+        if (!has_flags)
+            rc |= buf_append(&list, items.len ? " FLAGS" : "FLAGS", items.len ? 6 : 5, SIZE_MAX);
+        if (!has_uid)
+            rc |= buf_append(&list, " UID", 4, SIZE_MAX);
+        rc |= buf_append(&list, ")", 1, SIZE_MAX);
+    }
+    buf_fini(&items);
+    if (rc != 0) {
+        buf_fini(&list);
+        sess_fail(s, QR_ENOMEM, "fetch");
+        return true;
+    }
+    s->is_condstore = true; /* CS-20 */
+    if (has_since) {
+        if (!sync_fetch_changedsince(s, is_uid, b + set->from, set->to - set->from, list.p,
+                                     list.len, since))
+            cmd_refuse(s, "NO [UNAVAILABLE] Mod-sequences are not available now", false);
+        else
+            s->cur_started = true;
+        buf_fini(&list);
+        return true;
+    }
+    struct buf line = {0};
+    rc = buf_append(&line, is_uid ? " UID FETCH " : " FETCH ", is_uid ? 11 : 7, SIZE_MAX);
+    rc |= buf_append(&line, b + set->from, set->to - set->from, SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, list.p, list.len, SIZE_MAX);
+    rc |= buf_append(&line, "\r\n", 2, SIZE_MAX);
+    if (rc == 0)
+        cmd_send(s, CMD_OTHER, NULL, line.p, line.len, NULL, 0);
+    else
+        sess_fail(s, QR_ENOMEM, "fetch");
+    buf_fini(&list);
+    buf_fini(&line);
+    return true;
+}
+
+/* STORE / UID STORE for a CONDSTORE-aware session: `.SILENT` is removed
+ * upstream so the proxy learns the resulting flags and answers them with
+ * UID and MODSEQ (CS-42, CS-49, X8). UNCHANGEDSINCE is not built yet. */
+static bool cmd_store(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
+                      bool ended_in_literal)
+{
+    struct ltok tk[8];
+    struct tok t;
+    size_t off = 0;
+    int n = 0;
+    (void)ended_in_literal;
+
+    /* Only the first tokens matter: tag [UID] STORE set item. */
+    tok_init(&t, TOK_CLIENT, &s->ctx->cli_lim);
+    while (off < len && n < 8) {
+        struct tok_ev ev;
+        size_t used = 0;
+        int rc = tok_next(&t, b + off, len - off, &used, &ev);
+        size_t from = off;
+        off += used;
+        if (rc != TOK_EVENT || ev.kind == TOK_EOL || ev.kind == TOK_LIT_START)
+            break;
+        while (from < off && b[from] == ' ')
+            from++;
+        tk[n++] = (struct ltok){ev.kind, 0, ev.num, from, off};
+    }
+    tok_fini(&t);
+    int i = n > 1 && ltok_is(b, &tk[1], "UID") ? 3 : 2;
+    if (n < i + 2 || !ltok_is(b, &tk[i - 1], "STORE"))
+        return false;
+    const struct ltok *item = &tk[i + 1];
+    size_t il = item->to - item->from;
+    if (il < 7 || strncasecmp(b + item->to - 7, ".SILENT", 7) != 0)
+        return false;
+    s->last_kind = CMD_OTHER;
+    cmd_send(s, CMD_OTHER, c, b + s->cli.tag_end, item->to - 7 - s->cli.tag_end, b + item->to,
+             len - item->to);
+    return true;
+}
+
 /* ENABLE for a session offered CONDSTORE (RFC 5161; EN-01..EN-04, X1):
  * the proxy owns CONDSTORE; other names go to an upstream that has ENABLE
  * (its `* ENABLED` gets CONDSTORE added, proxy/rsp.c), and are dropped
@@ -405,6 +649,12 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         cmd_enable(s, ended_in_literal);
         return;
     }
+    if (sync_enriches(s) && (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "UID") == 0) &&
+        cmd_fetch(s, b, len, ended_in_literal))
+        return;
+    if (sync_enriches(s) && (strcmp(s->name, "STORE") == 0 || strcmp(s->name, "UID") == 0) &&
+        cmd_store(s, c, b, len, ended_in_literal))
+        return;
     if (s->offers_condstore && s->is_logged_in && !ended_in_literal &&
         (strcmp(s->name, "SELECT") == 0 || strcmp(s->name, "EXAMINE") == 0) &&
         (s->is_condstore || s->has_cs_param) && !s->in_params) {

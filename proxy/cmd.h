@@ -35,6 +35,14 @@ void cmd_pending_retire(struct sess *s);
  * responses never reach the client (proxy/rsp.c). */
 struct pending *cmd_internal(struct sess *s, const char *text);
 
+/* Send line[0..len) (starting with the space after the tag, ending with
+ * CRLF) upstream under a fresh proxy tag, mapped back to the client's tag. */
+struct pending *cmd_send_line(struct sess *s, const char *tag, size_t tag_len, const char *line,
+                              size_t len);
+
+/* Answer a client command here ("tag text"), in FIFO order. */
+void cmd_local_answer(struct sess *s, const char *tag, size_t tag_len, const char *text);
+
 /* Free the whole FIFO (session teardown). */
 void cmd_pending_free_all(struct sess *s);
 

@@ -13,8 +13,17 @@
  * no callback), then uv_write for the rest, which holds its chunk references
  * until its callback (STYLE §3 rule 3: bytes outlive their write).
  *
- * queued counts bytes pending plus in flight; the session compares it with
- * its high/low water marks to stop and resume reading the other side. The
+ * TLS (outq_start_tls): pieces are still queued as plaintext and in order;
+ * outq_flush() encrypts them (proxy/tls.h: the one copy into mbedTLS's
+ * record buffer is inherent, and the record is copied out into a pool
+ * chunk) and writes the records in the same way, so order and the
+ * zero-copy queueing of relayed bytes are unchanged. While the handshake
+ * runs, plaintext waits in the queue and only handshake records go out.
+ *
+ * queued counts bytes pending plus in flight (plaintext waiting, records
+ * waiting or in flight); the session compares it with its high/low water
+ * marks to stop and resume reading the other side. total counts the
+ * session's own bytes (plaintext), not TLS overhead. The
  * written callback runs after every completed uv_write (also with a
  * negative status, and with UV_ECANCELED when the handle is closed before
  * the write finished; it runs before the handle's close callback).
@@ -39,6 +48,10 @@ struct outq_piece {
 };
 
 #define OUTQ_MAX_PIECES 64
+#define OUTQ_CT_PIECES  8 /* TLS records waiting, in pool chunks */
+
+struct tls;
+struct outq_tls;
 
 struct outq {
     struct buf_pool *pool;
@@ -50,18 +63,21 @@ struct outq {
     size_t total;          /* bytes written since init (for logs) */
     unsigned in_flight;    /* uv_write requests outstanding */
     unsigned n_pend;
+    struct outq_tls *tls; /* NULL: plaintext to the socket; owned */
     struct outq_piece pend[OUTQ_MAX_PIECES];
 };
 
 void outq_init(struct outq *q, struct buf_pool *pool, uv_stream_t *stream,
                outq_written_cb *on_written, void *arg);
 
-/* Drop pending pieces (not yet handed to the socket) and the generated
- * chunk. Writes in flight keep their own references. */
+/* Drop pending pieces (not yet handed to the socket), the generated chunk
+ * and the TLS state (not the engine). Writes in flight keep their own
+ * references. */
 void outq_fini(struct outq *q);
 
 /* Queue p[0..len), which lies inside chunk c; takes a reference on c. May
- * flush when the piece array is full. */
+ * flush when the piece array is full (QR_ELIMIT when it stays full: a TLS
+ * handshake holds plaintext back). */
 QR_MUST_CHECK int outq_slice(struct outq *q, struct buf_chunk *c, const char *p, size_t len);
 
 /* Queue a copy of p[0..len). */
@@ -71,6 +87,21 @@ QR_MUST_CHECK int outq_copy(struct outq *q, const void *p, size_t len);
  * error from the write (the session then closes). Never calls back
  * synchronously. */
 QR_MUST_CHECK int outq_flush(struct outq *q);
+
+/* From now on, encrypt with tls (not owned; it must outlive q's use of it,
+ * i.e. until outq_fini) before writing. What was queued before goes out
+ * as plaintext first: it is flushed now (a STARTTLS OK precedes the
+ * handshake). tls must have been created with outq_tls_out and q as its
+ * output. Returns 0 or a negative error. */
+QR_MUST_CHECK int outq_start_tls(struct outq *q, struct tls *tls);
+
+/* The engine's output callback (tls_out_cb, arg = the outq): copies the
+ * records into pool chunks queued behind everything before them. */
+int outq_tls_out(void *arg, const unsigned char *p, size_t len);
+
+/* Encrypt and flush what is pending, then queue and flush close_notify.
+ * Nothing when the queue is plain or the handshake has not ended. */
+QR_MUST_CHECK int outq_close_tls(struct outq *q);
 
 /* True when nothing is pending or in flight. */
 static inline bool outq_is_idle(const struct outq *q)

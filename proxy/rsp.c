@@ -253,7 +253,7 @@ static void rsp_line_done(struct sess *s)
         if (p->kind == CMD_AUTHENTICATE || p->kind == CMD_IDLE)
             s->raw_lines = 0;
         p->is_done = true;
-        if (p->kind == CMD_SELECT || p->kind == CMD_INTERNAL)
+        if (p->kind == CMD_SELECT || p->kind == CMD_INTERNAL || p->kind == CMD_OTHER)
             sync_completed(s, p, ok);
         cmd_pending_retire(s);
     } else if (s->rl_kind == RL_TAGGED) {

@@ -7,6 +7,7 @@
 #include "common/log.h"
 #include "common/xalloc.h"
 #include "proxy/cmd.h"
+#include "common/seqset.h"
 #include "proxy/msgmap.h"
 #include "state/store.h"
 
@@ -43,7 +44,33 @@ struct sync {
     struct store_mbox *mb;
     struct store_req *req;
     uint64_t highest;
+
+    /* An internal snapshot of the selected mailbox in flight: its FETCH
+     * responses are swallowed. For the selection itself, or to refresh the
+     * state before a FETCH (CHANGEDSINCE) is answered. */
+    bool is_snapping;
+    bool is_for_fetch;
+    struct cs_fetch *fetch; /* the FETCH waiting for it */
+    bool is_filtering;      /* lines not newer than filter_since are dropped */
+    uint64_t filter_since;
+    struct pending *filter_cmd;
+    struct pending *noop; /* the refresh's NOOP */
 };
+
+/* A FETCH (CHANGEDSINCE n) waiting for its snapshot (CS-52). */
+struct cs_fetch {
+    bool is_uid;
+    bool is_waiting; /* for the commands before it to complete */
+    uint64_t since;
+    char *set;   /* the client's set, as sent */
+    char *items; /* the item list to send upstream */
+    char *tag;
+    size_t tag_len;
+};
+
+static void sync_fetch_changed(struct sess *s);
+static void sync_start_snapshot(struct sess *s);
+static void sync_fetch_send(struct sess *s, const char *subset);
 
 static void snap_reset(struct snap *sn)
 {
@@ -76,6 +103,12 @@ void sync_fini(struct sess *s)
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
     buf_fini(&y->line);
+    if (y->fetch != NULL) {
+        free(y->fetch->set);
+        free(y->fetch->items);
+        free(y->fetch->tag);
+        free(y->fetch);
+    }
     free(y->mailbox);
     free(y);
     s->sync = NULL;
@@ -107,7 +140,7 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
 
 bool sync_swallows_fetch(const struct sess *s)
 {
-    return s->sync != NULL && s->sync->phase == SEL_SNAPSHOT;
+    return s->sync != NULL && s->sync->is_snapping;
 }
 
 void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *flags, size_t len)
@@ -216,6 +249,11 @@ static void on_observed(void *arg, int err, const struct store_result *res)
         sess_fail(s, err, "state store");
         return;
     }
+    if (y->is_for_fetch) {
+        y->highest = res->highest;
+        sync_fetch_changed(s);
+        return;
+    }
     y->phase = SEL_DONE;
     y->highest = res->highest;
     char code[64];
@@ -241,6 +279,13 @@ static void sync_observe(struct sess *s, bool is_ok)
     struct snap *sn = &y->snap;
 
     if (!is_ok || sn->n != y->exists || !msgmap_is_complete(&y->map)) {
+        if (y->is_for_fetch) {
+            /* Nothing diffed (inv. 4): the whole set goes upstream and only
+             * the lines newer than the client's modseq come back. */
+            snap_reset(sn);
+            sync_fetch_send(s, NULL);
+            return;
+        }
         sync_nomodseq(s, "incomplete snapshot");
         return;
     }
@@ -250,7 +295,8 @@ static void sync_observe(struct sess *s, bool is_ok)
         obs[i].flags = sn->flags.p + sn->off[i];
         obs[i].flags_len = sn->off[i + 1] - sn->off[i];
     }
-    y->phase = SEL_OBSERVE;
+    if (!y->is_for_fetch)
+        y->phase = SEL_OBSERVE; /* a refresh leaves the selection as it is */
     /* The upstream waits: nothing it says may overtake the tagged OK. */
     sess_hold(&s->up);
     int rc = store_observe_snapshot(y->mb, obs, sn->n, on_observed, s, &y->req);
@@ -287,12 +333,25 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
             return;
         }
         y->phase = SEL_SNAPSHOT;
+        y->is_snapping = true;
+        y->is_for_fetch = false;
         y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
         return;
     }
-    if (p == y->internal && y->phase == SEL_SNAPSHOT) {
+    if (p == y->internal && y->is_snapping) {
         y->internal = NULL;
+        y->is_snapping = false;
         sync_observe(s, is_ok);
+        return;
+    }
+    if (p == y->noop) {
+        y->noop = NULL;
+        sync_start_snapshot(s);
+        return;
+    }
+    if (p == y->filter_cmd) {
+        y->filter_cmd = NULL;
+        y->is_filtering = false;
     }
 }
 
@@ -301,7 +360,7 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
 bool sync_enriches(const struct sess *s)
 {
     const struct sync *y = s->sync;
-    return s->is_condstore && y != NULL && y->phase == SEL_DONE && y->mb != NULL;
+    return s->is_condstore && y != NULL && y->phase == SEL_DONE && y->mb != NULL && !y->is_snapping;
 }
 
 void sync_fetch_uid(struct sess *s, uint32_t seq, uint32_t uid)
@@ -342,7 +401,9 @@ static void sync_emit_line(struct sess *s, uint64_t modseq)
 
     while (close > 0 && p[close - 1] != ')')
         close--;
-    if (close == 0) {
+    if (y->is_filtering && modseq <= y->filter_since) {
+        /* CS-52: only messages changed after the client's modseq. */
+    } else if (close == 0) {
         sess_send(&s->cli, NULL, p, len); /* no list: as it came */
     } else {
         char add[64];
@@ -429,4 +490,160 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
     if (rc < 0)
         sync_store_lost(s, rc);
     return true;
+}
+
+/* ---------------------------------------------- FETCH (CHANGEDSINCE n) */
+
+static void cs_fetch_free(struct sync *y)
+{
+    if (y->fetch == NULL)
+        return;
+    free(y->fetch->set);
+    free(y->fetch->items);
+    free(y->fetch->tag);
+    free(y->fetch);
+    y->fetch = NULL;
+}
+
+/* The refresh: the session's own snapshot of the selected mailbox. */
+static void sync_start_refresh(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    y->fetch->is_waiting = false;
+    /* Courier sees other sessions' changes only when told to look (a
+     * NOOP); its answers reach the client like any unsolicited data, then
+     * the snapshot runs. */
+    y->noop = cmd_internal(s, "NOOP");
+}
+
+static void sync_start_snapshot(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    snap_reset(&y->snap);
+    y->is_snapping = true;
+    y->is_for_fetch = true;
+    y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
+}
+
+void sync_idle(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y != NULL && y->fetch != NULL && y->fetch->is_waiting)
+        sync_start_refresh(s);
+}
+
+bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                             const char *items, size_t items_len, uint64_t since)
+{
+    struct sync *y = s->sync;
+
+    if (!sync_enriches(s) || y->fetch != NULL)
+        return false;
+    struct cs_fetch *f = xcalloc(1, sizeof(*f));
+    f->is_uid = is_uid;
+    f->since = since;
+    f->set = xmemdup(set, set_len);
+    f->items = xmemdup(items, items_len);
+    f->tag = xmemdup(s->tag, s->tag_len);
+    f->tag_len = s->tag_len;
+    y->fetch = f;
+    /* Nothing the client sent later runs first; and the snapshot waits for
+     * the commands before it, whose FETCH data must reach the client. */
+    sess_hold(&s->cli);
+    if (s->head == NULL)
+        sync_start_refresh(s);
+    else
+        f->is_waiting = true;
+    return true;
+}
+
+/* Send the FETCH upstream for subset (NULL: the client's whole set, with
+ * the filter doing the work), or answer it here when subset is empty. */
+static void sync_fetch_send(struct sess *s, const char *subset)
+{
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+
+    if (subset != NULL && subset[0] == '\0') {
+        cmd_local_answer(s, f->tag, f->tag_len, "OK Fetch completed (no changes)");
+    } else {
+        struct buf line = {0};
+        const char *set = subset != NULL ? subset : f->set;
+        int rc =
+            buf_append(&line, f->is_uid ? " UID FETCH " : " FETCH ", f->is_uid ? 11 : 7, SIZE_MAX);
+        if (rc == 0)
+            rc = buf_append(&line, set, strlen(set), SIZE_MAX);
+        if (rc == 0)
+            rc = buf_append(&line, " ", 1, SIZE_MAX);
+        if (rc == 0)
+            rc = buf_append(&line, f->items, strlen(f->items), SIZE_MAX);
+        if (rc == 0)
+            rc = buf_append(&line, "\r\n", 2, SIZE_MAX);
+        if (rc < 0) {
+            buf_fini(&line);
+            sess_fail(s, rc, "fetch");
+            return;
+        }
+        y->filter_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+        y->filter_since = f->since;
+        y->is_filtering = true;
+        buf_fini(&line);
+    }
+    cs_fetch_free(y);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t n,
+                       const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+    (void)info;
+
+    y->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return;
+    }
+    /* The client's set, `*` resolved against this view (RFC 3501 §6.4.8). */
+    struct seqset want, have, sub;
+    seqset_init(&want);
+    seqset_init(&have);
+    seqset_init(&sub);
+    uint32_t max = f->is_uid ? msgmap_uid(&y->map, y->map.n) : y->map.n;
+    int rc = seqset_parse(&want, f->set, strlen(f->set), 0);
+    if (rc == 0)
+        rc = seqset_resolve(&want, max);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        uint32_t v = f->is_uid ? msgs[i].uid : msgmap_seq(&y->map, msgs[i].uid);
+        if (v != 0)
+            rc = seqset_add(&have, v);
+    }
+    if (rc == 0)
+        rc = seqset_intersect(&want, &have, &sub);
+    char *text = NULL;
+    size_t len;
+    if (rc == 0)
+        rc = seqset_format_alloc(&sub, &text, &len);
+    seqset_fini(&want);
+    seqset_fini(&have);
+    seqset_fini(&sub);
+    /* A set the store cannot narrow goes whole; the filter keeps CS-52. */
+    sync_fetch_send(s, rc == 0 ? text : NULL);
+    free(text);
+}
+
+static void sync_fetch_changed(struct sess *s)
+{
+    struct sync *y = s->sync;
+    int rc = store_changed(y->mb, y->fetch->since, on_changed, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
 }

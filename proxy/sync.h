@@ -78,4 +78,17 @@ void sync_expunge(struct sess *s, uint32_t seq);
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
                       const char *flags, size_t flags_len);
 
+/* FETCH/UID FETCH set items (CHANGEDSINCE since) for a CONDSTORE-aware
+ * session (CS-52): the state is refreshed with a snapshot once the commands
+ * before it completed, then the command goes upstream for the messages
+ * changed after since only (items already rewritten to carry FLAGS and
+ * UID), under the client's tag; lines not newer than since are dropped.
+ * Returns false when the session cannot do that now (the caller refuses
+ * the command). Holds the client meanwhile. Copies its arguments. */
+bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                             const char *items, size_t items_len, uint64_t since);
+
+/* No client command is in flight any more (proxy/cmd.c). */
+void sync_idle(struct sess *s);
+
 #endif

@@ -328,6 +328,127 @@ def cs21_change_by_another_session_reaches_client_with_modseq(up):
         p.stop()
 
 
+def fetch_lines(lines):
+    return [l for l in lines if re.match(rb"\* \d+ FETCH", l)]
+
+
+@both
+def cs50_fetch_modseq_item_answers_modseq_per_message(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        lines = c.cmd("f", "FETCH 1:3 (MODSEQ)")
+        f = fetch_lines(lines)
+        assert len(f) == 3 and lines[-1].startswith(b"f OK"), lines
+        assert all(0 < modseq_of(l) <= h for l in f), (h, f)
+        lines = c.cmd("u", "UID FETCH 1:* (MODSEQ)")
+        assert len(fetch_lines(lines)) >= 60, len(lines)
+    finally:
+        p.stop()
+
+
+@both
+def cs52_changedsince_answers_only_messages_changed_out_of_band(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        lines = c.cmd("f0", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % h)
+        assert fetch_lines(lines) == [] and lines[-1].startswith(b"f0 OK"), lines
+        d = direct(up)
+        d.cmd("d1", "SELECT INBOX")
+        d.cmd("d2", "STORE 5,9 +FLAGS (\\Answered)")
+        d.cmd("d3", "LOGOUT")
+        lines = c.cmd("f1", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % h)
+        f = fetch_lines(lines)
+        # The refresh's NOOP may report the changes as unsolicited FETCHes
+        # too (with MODSEQ); the set of messages is what counts.
+        nums = sorted(set(int(l.split()[1]) for l in f))
+        assert nums == [5, 9], lines
+        assert all(modseq_of(l) > h and b"\\Answered" in l for l in f), f
+        assert lines[-1].startswith(b"f1 OK"), lines
+        lines = c.cmd("f2", "FETCH 1:7 (FLAGS) (CHANGEDSINCE %d)" % h)
+        assert sorted(set(int(l.split()[1]) for l in fetch_lines(lines))) == [5], lines
+        h2 = max(modseq_of(l) for l in f)
+        lines = c.cmd("f3", "FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % h2)
+        assert fetch_lines(lines) == [], lines
+    finally:
+        p.stop()
+
+
+@test
+def cs52_changedsince_behind_pipelined_commands_keeps_order():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        c.send("a NOOP\r\nb FETCH 1:* (FLAGS) (CHANGEDSINCE %d)\r\nc NOOP\r\n" % (h - 1))
+        tagged = []
+        while len(tagged) < 3:
+            line, _ = c.response()
+            if not line.startswith(b"*"):
+                tagged.append(line.split(b" ")[:2])
+        assert [t for t, _ in tagged] == [b"a", b"b", b"c"], tagged
+        assert all(st == b"OK" for _, st in tagged), tagged
+    finally:
+        p.stop()
+
+
+@test
+def cs53_cs10_x9_bad_modifiers():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("s", "SELECT INBOX (CONDSTORE)")
+        for tag, cmd in (("b1", "FETCH 1 (FLAGS) (FOO 1)"),
+                         ("b2", "FETCH 1 (FLAGS) (CHANGEDSINCE 9223372036854775808)"),
+                         ("b3", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)"),
+                         ("b4", "FETCH 1 (FLAGS) (CHANGEDSINCE 1 CHANGEDSINCE 2)")):
+            lines = c.cmd(tag, cmd)
+            assert lines[-1].startswith(tag.encode() + b" BAD"), (cmd, lines)
+        lines = c.cmd("g", "FETCH 1 (FLAGS) (CHANGEDSINCE 9223372036854775807)")
+        assert lines[-1].startswith(b"g OK"), lines
+    finally:
+        p.stop()
+
+
+@both
+def cs49_x8_store_silent_still_answers_uid_and_modseq(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        lines = c.cmd("t", "STORE 7 +FLAGS.SILENT (\\Deleted)")
+        f = fetch_lines(lines)
+        assert len(f) == 1 and re.search(rb"UID \d+", f[0]), lines
+        assert modseq_of(f[0]) > h, (h, f)
+        lines = c.cmd("u", "UID STORE 1:* -FLAGS.SILENT (\\Deleted)")
+        assert any(modseq_of(l) for l in fetch_lines(lines)), lines
+    finally:
+        p.stop()
+
+
+@test
+def cs54_body_fetch_that_sets_seen_is_reported_with_modseq():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        # message 3 of the seed is unseen
+        lines = c.cmd("b", "FETCH 3 (BODY[HEADER])")
+        f = fetch_lines(lines)
+        assert f and b"\\Seen" in f[-1] and modseq_of(f[-1]) > h, lines
+    finally:
+        p.stop()
+
+
 @test
 def cs31_plain_session_store_has_no_modseq():
     p = proxy()
