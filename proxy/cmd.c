@@ -517,6 +517,49 @@ static bool cmd_fetch(struct sess *s, const char *b, size_t len, bool ended_in_l
     return true;
 }
 
+/* SEARCH / UID SEARCH with MODSEQ keys for a CONDSTORE-aware session
+ * (CS-60): `MODSEQ ["/flags/x" priv|shared|all] n` anywhere in the
+ * criteria. With one modseq per message the entry name and type are
+ * ignored (RFC 7162 §3.1.5). Returns true when it handled the command. */
+static bool cmd_search(struct sess *s, const char *b, size_t len, bool ended_in_literal)
+{
+    struct ltok tk[LTOK_MAX];
+    int n = ended_in_literal ? -1 : cmd_line_tokens(s, b, len, tk);
+    size_t from[8], to[8];
+    uint64_t val[8];
+    unsigned k = 0;
+
+    if (n < 0)
+        return false;
+    int i = n > 1 && ltok_is(b, &tk[1], "UID") ? 3 : 2;
+    if (n < i + 1 || !ltok_is(b, &tk[i - 1], "SEARCH") || ltok_is(b, &tk[i], "RETURN"))
+        return false;
+    for (int j = i; j < n; j++) {
+        if (!ltok_is(b, &tk[j], "MODSEQ"))
+            continue;
+        int v = j + 1;
+        if (v + 1 < n && tk[v].kind == TOK_QUOTED && tk[v + 1].kind == TOK_ATOM)
+            v += 2; /* entry name and type */
+        if (v >= n || tk[v].kind != TOK_NUMBER || tk[v].num > INT64_MAX || k == 8) {
+            cmd_refuse(s, "BAD Invalid MODSEQ search key", false);
+            return true;
+        }
+        from[k] = tk[j].from - s->cli.tag_end;
+        to[k] = tk[v].to - s->cli.tag_end;
+        val[k++] = tk[v].num;
+        j = v;
+    }
+    if (k == 0)
+        return false;
+    s->is_condstore = true; /* CS-20 */
+    if (!sync_search_modseq(s, ltok_is(b, &tk[1], "UID"), b + s->cli.tag_end, len - s->cli.tag_end,
+                            from, to, val, k))
+        cmd_refuse(s, "NO [UNAVAILABLE] Mod-sequences are not available now", false);
+    else
+        s->cur_started = true;
+    return true;
+}
+
 /* STORE / UID STORE for a CONDSTORE-aware session: `.SILENT` is removed
  * upstream so the proxy learns the resulting flags and answers them with
  * UID and MODSEQ (CS-42, CS-49, X8). UNCHANGEDSINCE is not built yet. */
@@ -651,6 +694,9 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
     }
     if (sync_enriches(s) && (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "UID") == 0) &&
         cmd_fetch(s, b, len, ended_in_literal))
+        return;
+    if (sync_enriches(s) && (strcmp(s->name, "SEARCH") == 0 || strcmp(s->name, "UID") == 0) &&
+        cmd_search(s, b, len, ended_in_literal))
         return;
     if (sync_enriches(s) && (strcmp(s->name, "STORE") == 0 || strcmp(s->name, "UID") == 0) &&
         cmd_store(s, c, b, len, ended_in_literal))

@@ -119,7 +119,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         sd->tag_end = sd->seg_off;
         s->rl_cap = s->rl_code = s->rl_tag_sent = false;
         s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
-        s->rl_enrich = false;
+        s->rl_enrich = s->rl_search = false;
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)
@@ -160,6 +160,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
                 sd->is_streaming = true;
         } else if (word_is(ev->data, ev->len, "CAPABILITY")) {
             s->rl_cap = true;
+        } else if (word_is(ev->data, ev->len, "SEARCH") && sync_search_pending(s)) {
+            s->rl_search = true; /* held to its end: gets (MODSEQ m), CS-61 */
         } else if (word_is(ev->data, ev->len, "ENABLED") && rsp_enable_merge(s) != NULL) {
             s->rl_enabled = true; /* held to its end: CONDSTORE joins it (X1) */
         } else if (!is_status_word(ev->data, ev->len)) {
@@ -302,6 +304,8 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
                 sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,
                                  s->fp_flags.len))) {
         /* held for its MODSEQ (proxy/sync.c) */
+    } else if (is_eol && s->rl_search && sync_search_line(s, b, len)) {
+        /* held for its MODSEQ */
     } else if (is_eol && s->rl_enabled) {
         /* EN-02, X1: one ENABLED line names the upstream's and the proxy's. */
         struct pending *p = rsp_enable_merge(s);

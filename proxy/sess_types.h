@@ -134,6 +134,7 @@ struct sess {
     bool rl_enabled; /* `* ENABLED` of a split ENABLE */
     bool rl_enrich;  /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
     bool fp_has_flags;
+    bool rl_search; /* `* SEARCH` of a SEARCH MODSEQ (CS-61) */
     /* FETCH items being read (internal snapshot, CONDSTORE) */
     uint8_t fp_want;
     uint32_t fp_uid;

@@ -54,12 +54,27 @@ struct sync {
     bool is_filtering;      /* lines not newer than filter_since are dropped */
     uint64_t filter_since;
     struct pending *filter_cmd;
-    struct pending *noop; /* the refresh's NOOP */
+    struct pending *noop;       /* the refresh's NOOP */
+    struct pending *search_cmd; /* a SEARCH whose results get (MODSEQ m) */
+    bool search_is_uid;
+    struct buf search_line; /* the untagged SEARCH waiting for it */
+    uint32_t *search_uids;
 };
 
-/* A FETCH (CHANGEDSINCE n) waiting for its snapshot (CS-52). */
+#define CS_KEYS_MAX 8
+
+/* A FETCH (CHANGEDSINCE n) or SEARCH MODSEQ waiting for its snapshot
+ * (CS-52, CS-60). */
 struct cs_fetch {
     bool is_uid;
+    bool is_search;
+    char *line; /* SEARCH: the command after the tag, CRLF included */
+    size_t line_len;
+    unsigned n_keys;
+    struct {
+        size_t from, to; /* the MODSEQ key's bytes in line */
+        uint64_t n;
+    } keys[CS_KEYS_MAX];
     bool is_waiting; /* for the commands before it to complete */
     uint64_t since;
     char *set;   /* the client's set, as sent */
@@ -69,8 +84,12 @@ struct cs_fetch {
 };
 
 static void sync_fetch_changed(struct sess *s);
+static void cs_fetch_free(struct sync *y);
 static void sync_start_snapshot(struct sess *s);
 static void sync_fetch_send(struct sess *s, const char *subset);
+static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_t n);
+static void sync_store_lost(struct sess *s, int err);
+static void sync_start_refresh(struct sess *s);
 
 static void snap_reset(struct snap *sn)
 {
@@ -103,12 +122,9 @@ void sync_fini(struct sess *s)
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
     buf_fini(&y->line);
-    if (y->fetch != NULL) {
-        free(y->fetch->set);
-        free(y->fetch->items);
-        free(y->fetch->tag);
-        free(y->fetch);
-    }
+    cs_fetch_free(y);
+    buf_fini(&y->search_line);
+    free(y->search_uids);
     free(y->mailbox);
     free(y);
     s->sync = NULL;
@@ -353,6 +369,8 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
         y->filter_cmd = NULL;
         y->is_filtering = false;
     }
+    if (p == y->search_cmd)
+        y->search_cmd = NULL;
 }
 
 /* ---------------------------------------------------- FETCH enrichment */
@@ -498,6 +516,7 @@ static void cs_fetch_free(struct sync *y)
 {
     if (y->fetch == NULL)
         return;
+    free(y->fetch->line);
     free(y->fetch->set);
     free(y->fetch->items);
     free(y->fetch->tag);
@@ -597,6 +616,179 @@ static void sync_fetch_send(struct sess *s, const char *subset)
     sess_release(&s->cli);
 }
 
+/* SEARCH MODSEQ (CS-60): each MODSEQ key becomes `UID <set>` of the
+ * messages whose modseq is >= its value (`NOT ALL` when there are none), so
+ * the criteria keep their OR/NOT structure; the command goes upstream
+ * under the client's tag and its SEARCH line waits for (MODSEQ m). */
+static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_t n)
+{
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+    struct buf line = {0};
+    size_t at = 0;
+    int rc = 0;
+
+    for (unsigned k = 0; rc == 0 && k < f->n_keys; k++) {
+        struct seqset set;
+        seqset_init(&set);
+        for (size_t i = 0; rc == 0 && i < n; i++) {
+            if (msgs[i].modseq >= f->keys[k].n)
+                rc = seqset_add(&set, msgs[i].uid);
+        }
+        char *text = NULL;
+        size_t len = 0;
+        if (rc == 0 && !seqset_is_empty(&set))
+            rc = seqset_format_alloc(&set, &text, &len);
+        seqset_fini(&set);
+        if (rc == 0)
+            rc = buf_append(&line, f->line + at, f->keys[k].from - at, SIZE_MAX);
+        if (rc == 0 && text == NULL)
+            rc = buf_append(&line, "NOT ALL", 7, SIZE_MAX);
+        else if (rc == 0) {
+            rc = buf_append(&line, "UID ", 4, SIZE_MAX);
+            if (rc == 0)
+                rc = buf_append(&line, text, len, SIZE_MAX);
+        }
+        free(text);
+        at = f->keys[k].to;
+    }
+    if (rc == 0)
+        rc = buf_append(&line, f->line + at, f->line_len - at, SIZE_MAX);
+    if (rc < 0) {
+        buf_fini(&line);
+        sess_fail(s, rc, "search");
+        return;
+    }
+    y->search_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+    y->search_is_uid = f->is_uid;
+    buf_fini(&line);
+    cs_fetch_free(y);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+bool sync_search_modseq(struct sess *s, bool is_uid, const char *line, size_t len,
+                        const size_t *from, const size_t *to, const uint64_t *n, unsigned n_keys)
+{
+    struct sync *y = s->sync;
+
+    if (!sync_enriches(s) || y->fetch != NULL || n_keys == 0 || n_keys > CS_KEYS_MAX)
+        return false;
+    struct cs_fetch *f = xcalloc(1, sizeof(*f));
+    f->is_uid = is_uid;
+    f->is_search = true;
+    f->line = xmemdup(line, len);
+    f->line_len = len;
+    f->since = UINT64_MAX;
+    for (unsigned k = 0; k < n_keys; k++) {
+        f->keys[k].from = from[k];
+        f->keys[k].to = to[k];
+        f->keys[k].n = n[k];
+        /* >= n is > n-1; MODSEQ 0 matches everything */
+        if (n[k] == 0 || n[k] - 1 < f->since)
+            f->since = n[k] == 0 ? 0 : n[k] - 1;
+    }
+    f->n_keys = n_keys;
+    f->tag = xmemdup(s->tag, s->tag_len);
+    f->tag_len = s->tag_len;
+    y->fetch = f;
+    sess_hold(&s->cli);
+    if (s->head == NULL)
+        sync_start_refresh(s);
+    else
+        f->is_waiting = true;
+    return true;
+}
+
+bool sync_search_pending(const struct sess *s)
+{
+    return s->sync != NULL && s->sync->search_cmd != NULL;
+}
+
+static void on_search_modseqs(void *arg, int err, const uint64_t *modseqs, size_t n,
+                              const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    uint64_t max = 0;
+    (void)info;
+
+    y->req = NULL;
+    free(y->search_uids);
+    y->search_uids = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        max = modseqs[i] > max ? modseqs[i] : max;
+    const char *p = y->search_line.p;
+    size_t len = y->search_line.len, body = len;
+    while (body > 0 && (p[body - 1] == '\n' || p[body - 1] == '\r'))
+        body--;
+    sess_send(&s->cli, NULL, p, body);
+    if (max > 0) {
+        /* CS-61: the highest modseq among the returned messages. */
+        char add[40];
+        int k = snprintf(add, sizeof(add), " (MODSEQ %llu)", (unsigned long long)max);
+        sess_send(&s->cli, NULL, add, (size_t)k);
+    }
+    sess_send(&s->cli, NULL, "\r\n", 2);
+    buf_clear(&y->search_line, 4096);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+bool sync_search_line(struct sess *s, const char *b, size_t len)
+{
+    struct sync *y = s->sync;
+    size_t n = 0, cap = 0;
+    uint32_t *uids = NULL;
+
+    /* `* SEARCH 2 5 9`: the numbers after the word. */
+    const char *p = b, *end = b + len;
+    for (int words = 0; p < end && words < 2; p++) {
+        if (*p == ' ')
+            words++;
+    }
+    while (p < end) {
+        while (p < end && *p == ' ')
+            p++;
+        uint64_t v = 0;
+        const char *d = p;
+        while (p < end && *p >= '0' && *p <= '9')
+            v = v * 10 + (uint64_t)(*p++ - '0');
+        if (p == d)
+            break;
+        uint32_t uid = y->search_is_uid ? (uint32_t)v : msgmap_uid(&y->map, (uint32_t)v);
+        if (uid == 0)
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 64;
+            uids = xreallocarray(uids, cap, sizeof(*uids));
+        }
+        uids[n++] = uid;
+    }
+    if (n == 0) {
+        free(uids);
+        return false; /* no match: `* SEARCH` alone, relayed as it is */
+    }
+    if (buf_append(&y->search_line, b, len, SIZE_MAX) < 0) {
+        free(uids);
+        sess_fail(s, QR_ENOMEM, "search");
+        return true;
+    }
+    y->search_uids = uids;
+    sess_hold(&s->up);
+    sess_hold(&s->cli);
+    int rc = store_modseqs(y->mb, uids, n, on_search_modseqs, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+    return true;
+}
+
 static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t n,
                        const struct store_info *info)
 {
@@ -610,6 +802,10 @@ static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t 
         return;
     if (err < 0) {
         sync_store_lost(s, err);
+        return;
+    }
+    if (f->is_search) {
+        sync_search_send(s, msgs, n);
         return;
     }
     /* The client's set, `*` resolved against this view (RFC 3501 §6.4.8). */

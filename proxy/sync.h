@@ -88,6 +88,23 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
 bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
                              const char *items, size_t items_len, uint64_t since);
 
+/* SEARCH/UID SEARCH whose criteria line[0..len) (from the space after
+ * the tag to the CRLF) hold n_keys MODSEQ keys at line[from[k], to[k])
+ * with values n[k] (CS-60): as for CHANGEDSINCE, the state is refreshed,
+ * each key becomes a UID set and the command goes upstream; the SEARCH
+ * answer gets (MODSEQ m) (CS-61). Returns false when that cannot be done
+ * now. Copies its arguments; holds the client meanwhile. */
+bool sync_search_modseq(struct sess *s, bool is_uid, const char *line, size_t len,
+                        const size_t *from, const size_t *to, const uint64_t *n, unsigned n_keys);
+
+/* True while a SEARCH MODSEQ sent upstream waits for its answer. */
+bool sync_search_pending(const struct sess *s);
+
+/* The untagged SEARCH line b[0..len) of that command: when it names
+ * messages it is held, their modseqs looked up and it goes out with
+ * (MODSEQ m). Returns false when it is to be relayed as it is. */
+bool sync_search_line(struct sess *s, const char *b, size_t len);
+
 /* No client command is in flight any more (proxy/cmd.c). */
 void sync_idle(struct sess *s);
 

@@ -449,6 +449,60 @@ def cs54_body_fetch_that_sets_seen_is_reported_with_modseq():
         p.stop()
 
 
+def search_line(lines):
+    s = [l for l in lines if l.startswith(b"* SEARCH")]
+    assert len(s) == 1, lines
+    m = re.search(rb"\(MODSEQ (\d+)\)", s[0])
+    nums = [int(x) for x in re.sub(rb"\(MODSEQ \d+\)", b"", s[0]).split()[2:]]
+    return sorted(nums), (int(m.group(1)) if m else None)
+
+
+@both
+def cs60_cs61_search_modseq_finds_changed_messages_with_highest_modseq(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        d = direct(up)
+        d.cmd("d1", "SELECT INBOX")
+        d.cmd("d2", "STORE 12,14 +FLAGS (\\Draft)")
+        d.cmd("d3", "LOGOUT")
+        lines = c.cmd("q1", "SEARCH MODSEQ %d" % (h + 1))
+        nums, m = search_line(lines)
+        assert nums == [12, 14] and m is not None and m > h, lines
+        assert lines[-1].startswith(b"q1 OK"), lines
+        f = fetch_lines(c.cmd("f", "FETCH 12,14 (MODSEQ)"))
+        assert m == max(modseq_of(l) for l in f), (m, f)
+        lines = c.cmd("q2", 'UID SEARCH MODSEQ "/flags/\\\\draft" all %d' % (h + 1))
+        uids, m2 = search_line(lines)
+        assert len(uids) == 2 and m2 == m, lines
+        lines = c.cmd("q3", "SEARCH OR MODSEQ %d FLAGGED" % (h + 1))
+        nums3, _ = search_line(lines)
+        flagged, _ = search_line(c.cmd("q4", "SEARCH FLAGGED"))
+        assert nums3 == sorted(set([12, 14] + flagged)), (nums3, flagged)
+        lines = c.cmd("q5", "SEARCH NOT MODSEQ %d" % (h + 1))
+        nums5, _ = search_line(lines)
+        assert 12 not in nums5 and 14 not in nums5 and len(nums5) >= 58, nums5
+        lines = c.cmd("q6", "SEARCH MODSEQ %d" % (m + 1))
+        assert search_line(lines) == ([], None), "CS-61: no match, no MODSEQ part"
+    finally:
+        p.stop()
+
+
+@test
+def cs60_cs10_search_modseq_bad_value():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("s", "SELECT INBOX (CONDSTORE)")
+        assert c.cmd("b", "SEARCH MODSEQ 9223372036854775808")[-1].startswith(b"b BAD")
+        assert c.cmd("b2", "SEARCH MODSEQ")[-1].startswith(b"b2 BAD")
+    finally:
+        p.stop()
+
+
 @test
 def cs31_plain_session_store_has_no_modseq():
     p = proxy()
