@@ -13,6 +13,7 @@
 #include "common/log.h"
 #include "common/xalloc.h"
 #include "proxy/cap.h"
+#include "proxy/sess_tls.h"
 #include "proxy/sync.h"
 
 /* --------------------------------------------------------- pending FIFO */
@@ -79,7 +80,10 @@ void cmd_pending_retire(struct sess *s)
         if (s->rl_cmd == p)
             s->rl_cmd = NULL;
         s->n_pending--;
+        bool is_starttls = p->kind == CMD_STARTTLS;
         pending_free(&p);
+        if (is_starttls)
+            sess_tls_starttls_go(s); /* its OK is queued: the handshake follows */
     }
     if (s->head == NULL && !s->is_closing)
         sync_idle(s);
@@ -206,6 +210,7 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         s->name[0] = '\0';
         break;
     case 1:
+        s->is_plain_mech = false;
         if (ev->kind == TOK_ATOM && ev->len < NAME_MAX_LEN) {
             for (size_t i = 0; i < ev->len; i++) {
                 char ch = ev->data[i];
@@ -222,6 +227,8 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
             free(s->user_cand);
             s->user_cand = xmemdup(ev->data, ev->len);
         }
+        if (strcmp(s->name, "AUTHENTICATE") == 0 && ev->kind == TOK_ATOM)
+            s->is_plain_mech = cap_is_plaintext_mech(ev->data, ev->len);
         break;
     default:
         break;
@@ -661,6 +668,45 @@ static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_
     sync_select_sent(s, p, s->arg_mbox, s->arg_mbox_len);
 }
 
+/* What TLS decides of a command before it may go upstream (proxy/sess_tls.h):
+ * the proxy's own STARTTLS, plaintext passwords refused before TLS, and
+ * withheld capabilities, which are never negotiated upstream whatever the
+ * tag. Returns true when the line was answered here. */
+static bool cmd_tls(struct sess *s, bool ended_in_literal)
+{
+    bool is_starttls = strcmp(s->name, "STARTTLS") == 0;
+
+    if (is_starttls && sess_tls_offers_starttls(s)) {
+        if (!s->tag_ok || ended_in_literal || s->cli.ntok != 2) {
+            cmd_refuse(s, "BAD STARTTLS takes no arguments", ended_in_literal);
+            return true;
+        }
+        /* RFC 3501 §6.2.1. Issue 4 point 4: from the end of this line, no
+         * plaintext the client sent is executed. */
+        sess_tls_starttls_accepted(s);
+        pending_local(s, s->tag, s->tag_len, "OK Begin TLS negotiation now");
+        s->tail->kind = CMD_STARTTLS;
+        s->cur_started = true;
+        cmd_pending_retire(s);
+        return true;
+    }
+    if ((s->last_kind == CMD_LOGIN || (s->last_kind == CMD_AUTHENTICATE && s->is_plain_mech)) &&
+        sess_tls_refuses_plain_auth(s)) {
+        /* RFC 3501 §6.2.3 (LOGINDISABLED), RFC 5530 PRIVACYREQUIRED. */
+        cmd_refuse(s, "NO [PRIVACYREQUIRED] Plaintext authentication disallowed without TLS",
+                   ended_in_literal);
+        return true;
+    }
+    /* An upstream that does not offer them refuses them itself, in its own
+     * words; the proxy answers only where the upstream would accept. */
+    if ((is_starttls && (!s->knows_up_caps || (s->up_caps & CAP_STARTTLS))) ||
+        (strcmp(s->name, "COMPRESS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_COMPRESS)))) {
+        cmd_refuse(s, "BAD Command not supported", ended_in_literal);
+        return true;
+    }
+    return false;
+}
+
 /* The first segment of a client command: give it the proxy's tag and send
  * it upstream, or answer it here. */
 static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
@@ -674,17 +720,11 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         return;
     }
     s->last_kind = cmd_kind_of(s->name);
+    if (cmd_tls(s, ended_in_literal))
+        return;
     if (!s->tag_ok) {
         s->cur_started = true;
         sess_send(&s->up, c, b, len);
-        return;
-    }
-    /* Withheld capabilities (proxy/cap.c) are never negotiated upstream.
-     * An upstream that does not offer them refuses them itself, in its own
-     * words; the proxy answers only where the upstream would accept. */
-    if ((strcmp(s->name, "STARTTLS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_STARTTLS))) ||
-        (strcmp(s->name, "COMPRESS") == 0 && (!s->knows_up_caps || (s->up_caps & CAP_COMPRESS)))) {
-        cmd_refuse(s, "BAD Command not supported", ended_in_literal);
         return;
     }
 

@@ -11,6 +11,7 @@ struct lsn {
     uv_tcp_t tcp;
     struct sess_ctx *ctx;
     struct lsn *next;
+    enum sess_listen kind;
     char name[280];
 };
 
@@ -26,7 +27,7 @@ static void on_connection(uv_stream_t *server, int status)
         log_end(&ll);
         return;
     }
-    sess_accept(l->ctx, server);
+    sess_accept(l->ctx, server, l->kind);
 }
 
 static int lsn_open(struct lsn *l, struct sess_ctx *ctx, const struct cfg_addr *a)
@@ -63,12 +64,18 @@ static void on_lsn_closed(uv_handle_t *h)
 
 int lsn_start(struct lsn_set *set, struct sess_ctx *ctx, char *err, size_t errlen)
 {
+    static const char *const tls_names[] = {"none", "starttls", "implicit"};
     const struct cfg *cfg = ctx->cfg;
 
     memset(set, 0, sizeof(*set));
-    for (size_t i = 0; i < cfg->n_listen; i++) {
+    for (size_t i = 0; i < cfg->n_listen + cfg->n_listen_tls; i++) {
+        bool is_tls = i >= cfg->n_listen;
+        const struct cfg_addr *a = is_tls ? &cfg->listen_tls[i - cfg->n_listen] : &cfg->listen[i];
         struct lsn *l = xcalloc(1, sizeof(*l));
-        int rc = lsn_open(l, ctx, &cfg->listen[i]);
+        l->kind = is_tls                        ? SESS_LISTEN_TLS
+                  : cfg_offers_starttls(cfg, a) ? SESS_LISTEN_STARTTLS
+                                                : SESS_LISTEN_PLAIN;
+        int rc = lsn_open(l, ctx, a);
         if (rc < 0) {
             snprintf(err, errlen, "listen %s: %s", l->name, uv_strerror(rc));
             if (l->tcp.loop != NULL)
@@ -84,6 +91,7 @@ int lsn_start(struct lsn_set *set, struct sess_ctx *ctx, char *err, size_t errle
         struct log_line ll;
         log_begin(&ll, LOG_INFO, "listener.start");
         log_str(&ll, "listen", l->name);
+        log_str(&ll, "tls", tls_names[l->kind]);
         log_end(&ll);
     }
     return 0;

@@ -1,8 +1,9 @@
-/* lsn: the listening sockets. One uv_tcp_t per configured `listen`
- * address (IPv4 or IPv6; an IPv6 address is bound IPV6_V6ONLY so [::] and
- * 0.0.0.0 can both be configured). Each accepted connection becomes a
- * session (proxy/sess.h). Owned by main; lsn_stop() closes them all and
- * frees them in their close callbacks. */
+/* lsn: the listening sockets. One uv_tcp_t per configured `listen` and
+ * `listen-tls` address (IPv4 or IPv6; an IPv6 address is bound
+ * IPV6_V6ONLY so [::] and 0.0.0.0 can both be configured). Each accepted
+ * connection becomes a session (proxy/sess.h) of the listener's kind:
+ * implicit TLS, plain offering STARTTLS (cfg_offers_starttls), or plain. Owned by main; lsn_stop()
+ * closes them all and frees them in their close callbacks. */
 #ifndef QR_LSN_H
 #define QR_LSN_H
 

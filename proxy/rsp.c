@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "proxy/cap.h"
 #include "proxy/cmd.h"
+#include "proxy/sess_tls.h"
 #include "proxy/sync.h"
 #include "state/store.h"
 
@@ -330,7 +331,7 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
         /* One function decides every capability list a client sees. */
         struct buf tmp = {0};
         uint32_t bits;
-        struct cap_policy pol = {.add_condstore = s->offers_condstore};
+        struct cap_policy pol = sess_tls_cap_policy(s);
         int rc = cap_rewrite_line(b, len, &pol, &tmp, len + 64, &bits);
         if (rc == 0) {
             s->up_caps = bits;

@@ -11,6 +11,7 @@
 #include "proxy/cmd.h"
 #include "proxy/outq.h"
 #include "proxy/rsp.h"
+#include "proxy/sess_tls.h"
 #include "proxy/sync.h"
 #include "proxy/sess_types.h"
 
@@ -125,8 +126,15 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
     bool is_cli = sd == &s->cli;
     size_t pos = 0;
     const char *seg = p; /* first byte not yet emitted or buffered */
+    uint8_t tls_state = sd->tls_state;
 
     while (pos < n && !s->is_closing && !s->is_draining) {
+        if (sd->tls_state != tls_state) {
+            /* STARTTLS was accepted: nothing the client sent after its
+             * line in plaintext is ever executed (issue 4 point 4). */
+            sess_tls_discard(sd, n - pos, "after STARTTLS in the same read");
+            return;
+        }
         if (sd->is_held && seg == p + pos) {
             /* Keep the rest for sess_release(); it is processed before
              * anything read later. */
@@ -201,6 +209,20 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
     }
 }
 
+void sess_input(struct side *sd, struct buf_chunk *c, const char *p, size_t n)
+{
+    struct sess *s = sd->s;
+
+    if (sd == &s->up && s->up_pre != UP_PRE_DONE) {
+        size_t used = sess_tls_up_opening(s, p, n);
+        if (s->is_closing || s->up_pre != UP_PRE_DONE || used >= n)
+            return;
+        p += used;
+        n -= used;
+    }
+    side_feed(sd, c, p, n);
+}
+
 void sess_hold(struct side *sd)
 {
     sd->is_held = true;
@@ -220,6 +242,7 @@ void sess_release(struct side *sd)
         side_feed(sd, c, c->data + sd->held_off, sd->held_len);
         buf_chunk_unref(&s->ctx->pool, &c);
     }
+    sess_tls_resume(s); /* records decrypted before the hold may wait */
     if (s->is_closing)
         return;
     side_flush(&s->cli);
@@ -234,6 +257,10 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *b)
     struct sess *s = sd->s;
     (void)suggested;
 
+    if (sd->tls != NULL) {
+        sess_tls_alloc(sd, b); /* ciphertext: decrypted into rchunk later */
+        return;
+    }
     if (sd->rchunk != NULL && buf_chunk_room(sd->rchunk) < MIN_READ_ROOM)
         buf_chunk_unref(&s->ctx->pool, &sd->rchunk);
     if (sd->rchunk == NULL)
@@ -252,6 +279,12 @@ static void side_flush(struct side *sd)
         sess_fail(sd->s, rc, sd == &sd->s->cli ? "client write" : "upstream write");
 }
 
+void sess_side_flush(struct side *sd)
+{
+    if (!sd->s->is_closing)
+        side_flush(sd);
+}
+
 static void side_eof(struct side *sd, ssize_t nread)
 {
     struct sess *s = sd->s;
@@ -259,7 +292,7 @@ static void side_eof(struct side *sd, ssize_t nread)
     if (sd == &s->cli) {
         /* The client is gone: log the upstream session out when the line
          * state allows a command, then close. */
-        if (s->is_up_connected && s->n_pending == 0 && tok_at_line_start(&s->cli.tok) &&
+        if (s->is_up_ready && s->n_pending == 0 && tok_at_line_start(&s->cli.tok) &&
             s->raw_lines == 0 && !s->saw_up_bye) {
             char line[40];
             int n =
@@ -277,6 +310,11 @@ static void side_eof(struct side *sd, ssize_t nread)
         sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
     }
     sess_drain(s, nread == UV_EOF ? "upstream closed" : "upstream error");
+}
+
+void sess_side_eof(struct side *sd, int err)
+{
+    side_eof(sd, err);
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b)
@@ -301,12 +339,20 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b)
     if (nread == 0)
         return;
 
-    struct buf_chunk *c = sd->rchunk;
-    const char *p = c->data + c->len;
-    c->len += (uint32_t)nread;
     if (sd == &s->cli)
         s->last_active = uv_now(s->ctx->loop);
-    side_feed(sd, c, p, (size_t)nread);
+    if (sd->tls != NULL) {
+        sess_tls_on_read(sd, (size_t)nread);
+    } else {
+        struct buf_chunk *c = sd->rchunk;
+        const char *p = c->data + c->len;
+        c->len += (uint32_t)nread;
+        if (sd->tls_state == SIDE_STARTTLS_WAIT)
+            sess_tls_discard(sd, (size_t)nread, "after STARTTLS, before its OK");
+        else
+            sess_input(sd, c, p, (size_t)nread);
+    }
+    sess_tls_resume(s); /* the other side may have waited for this one */
     if (s->is_closing)
         return;
     side_flush(&s->cli);
@@ -331,7 +377,11 @@ static void side_update_reading(struct side *sd)
 
     if (s->is_closing)
         return;
-    bool want = !s->is_draining && s->is_up_connected && !sd->is_held && sd->held_chunk == NULL;
+    /* The client is read once the upstream is ready (TLS included), and
+     * during its own handshake before that. */
+    bool may =
+        sd == &s->up ? s->is_up_connected : s->is_up_ready || sd->tls_state == SIDE_HANDSHAKE;
+    bool want = !s->is_draining && may && !sd->is_held && sd->held_chunk == NULL;
     if (want) {
         size_t q = dst->out.queued;
         bool over = sd == &s->cli && s->n_pending >= PENDING_MAX;
@@ -352,6 +402,11 @@ static void side_update_reading(struct side *sd)
         uv_read_stop((uv_stream_t *)&sd->tcp);
         sd->is_reading = false;
     }
+}
+
+void sess_update_reading(struct side *sd)
+{
+    side_update_reading(sd);
 }
 
 static void on_written(void *arg, int status)
@@ -406,6 +461,7 @@ static void on_handle_closed(uv_handle_t *h)
     buf_fini(&s->en_other);
     buf_fini(&s->fp_flags);
     sync_fini(s);
+    sess_tls_fini(s);
     free(s);
     ctx->n_alloc--;
     sess_ctx_maybe_free_store(ctx);
@@ -469,6 +525,9 @@ void sess_drain(struct sess *s, const char *reason)
     side_flush(&s->up);
     if (s->is_closing)
         return;
+    sess_tls_drain(s);
+    if (s->is_closing)
+        return;
     if (outq_is_idle(&s->cli.out) && outq_is_idle(&s->up.out)) {
         sess_close(s, reason);
         return;
@@ -482,9 +541,28 @@ static uint64_t sess_timeout_ms(const struct sess *s)
     return 1000 * (s->is_logged_in ? cfg->idle_timeout : cfg->preauth_timeout);
 }
 
+/* Arm the timer for ms from now, or for a pending TLS handshake's
+ * deadline when that comes first. */
 static void sess_arm_timer(struct sess *s, uint64_t ms)
 {
+    uint64_t tls_ms;
+
+    if (sess_tls_deadline_ms(s, uv_now(s->ctx->loop), &tls_ms) && tls_ms < ms)
+        ms = tls_ms;
     uv_timer_start(&s->timer, on_timer, ms, 0);
+}
+
+void sess_timer_update(struct sess *s)
+{
+    uint64_t now = uv_now(s->ctx->loop), due;
+
+    if (s->is_closing || s->is_draining)
+        return;
+    if (!s->is_up_connected)
+        due = s->t_open + 1000 * s->ctx->cfg->connect_timeout;
+    else
+        due = s->last_active + sess_timeout_ms(s);
+    sess_arm_timer(s, due > now ? due - now : 0);
 }
 
 /* Fires at the session's deadline: the inactivity limit (RFC 3501 §5.4:
@@ -502,8 +580,15 @@ static void on_timer(uv_timer_t *t)
         sess_close(s, s->close_reason);
         return;
     }
+    if (sess_tls_check_timeout(s, now))
+        return;
     if (!s->is_up_connected) {
         static const char bye[] = "* BYE [UNAVAILABLE] Upstream server not reachable\r\n";
+        uint64_t due = s->t_open + 1000 * s->ctx->cfg->connect_timeout;
+        if (now < due) { /* woken for a handshake that has ended since */
+            sess_arm_timer(s, due - now);
+            return;
+        }
         sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
         sess_drain(s, "upstream connect timeout");
         return;
@@ -555,6 +640,11 @@ static void on_up_connect(uv_connect_t *req, int status)
     uv_tcp_nodelay(&s->up.tcp, 1);
     s->last_active = uv_now(s->ctx->loop);
     sess_arm_timer(s, sess_timeout_ms(s));
+    sess_tls_up_connected(s);
+    sess_tls_resume(s); /* a client that spoke before the upstream was ready */
+    if (s->is_closing)
+        return;
+    side_flush(&s->up);
     side_update_reading(&s->up);
     side_update_reading(&s->cli);
 }
@@ -601,7 +691,7 @@ static void on_refused_written(uv_write_t *req, int status)
     uv_close((uv_handle_t *)req->handle, (uv_close_cb)free);
 }
 
-static void sess_refuse(struct sess_ctx *ctx, uv_stream_t *server)
+static void sess_refuse(struct sess_ctx *ctx, uv_stream_t *server, enum sess_listen kind)
 {
     static char bye[] = "* BYE [UNAVAILABLE] Too many sessions, try again later\r\n";
     struct refused *r = xcalloc(1, sizeof(*r));
@@ -617,14 +707,16 @@ static void sess_refuse(struct sess_ctx *ctx, uv_stream_t *server)
     log_str(&l, "reason", ctx->is_shutting_down ? "shutdown" : "max-sessions");
     log_u64(&l, "sessions", ctx->n_sess);
     log_end(&l);
-    if (uv_write(&r->req, (uv_stream_t *)&r->tcp, &b, 1, on_refused_written) < 0)
+    /* A TLS client would take a plaintext BYE for a broken handshake. */
+    if (kind == SESS_LISTEN_TLS ||
+        uv_write(&r->req, (uv_stream_t *)&r->tcp, &b, 1, on_refused_written) < 0)
         uv_close((uv_handle_t *)&r->tcp, (uv_close_cb)free);
 }
 
-void sess_accept(struct sess_ctx *ctx, uv_stream_t *server)
+void sess_accept(struct sess_ctx *ctx, uv_stream_t *server, enum sess_listen kind)
 {
     if (ctx->is_shutting_down || ctx->n_sess >= ctx->cfg->max_sessions) {
-        sess_refuse(ctx, server);
+        sess_refuse(ctx, server, kind);
         return;
     }
 
@@ -654,6 +746,11 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server)
     }
     uv_tcp_nodelay(&s->cli.tcp, 1);
     sess_name_peer(s);
+    rc = sess_tls_accepted(s, kind);
+    if (rc < 0) {
+        sess_fail(s, rc, "TLS setup");
+        return;
+    }
 
     struct log_line l;
     log_begin(&l, LOG_INFO, "session.open");
@@ -669,6 +766,7 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server)
         return;
     }
     sess_arm_timer(s, 1000 * ctx->cfg->connect_timeout);
+    side_update_reading(&s->cli); /* an implicit-TLS client's handshake */
 }
 
 void sess_shutdown_all(struct sess_ctx *ctx)
@@ -678,6 +776,10 @@ void sess_shutdown_all(struct sess_ctx *ctx)
         next = s->next;
         if (s->is_draining)
             continue;
+        if (s->cli.tls_state == SIDE_HANDSHAKE) {
+            sess_close(s, "shutdown"); /* no BYE can reach it yet */
+            continue;
+        }
         if (tok_at_line_start(&s->up.tok) && !s->up.line_in_buf) {
             static const char bye[] = "* BYE [UNAVAILABLE] Server shutting down\r\n";
             sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);

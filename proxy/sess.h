@@ -47,6 +47,11 @@
 #include "state/store.h"
 
 struct sess;
+struct tls_conf;
+
+/* How a listener speaks (proxy/lsn.c): plain, plain offering STARTTLS, or
+ * implicit TLS (proxy/sess_tls.h). */
+enum sess_listen { SESS_LISTEN_PLAIN = 0, SESS_LISTEN_STARTTLS, SESS_LISTEN_TLS };
 
 /* What every session of one process shares. Owned by main. */
 struct sess_ctx {
@@ -63,6 +68,11 @@ struct sess_ctx {
     bool is_shutting_down;
     struct store *store; /* the state store, NULL without redis; freed
                             after the last session object (store_free) */
+    /* TLS configurations for new sessions (proxy/tls.h), NULL when not
+     * configured. main owns these references and swaps them on SIGHUP;
+     * each session's engines hold their own. */
+    struct tls_conf *tls_server;
+    struct tls_conf *tls_client;
 };
 
 /* Set up ctx for cfg (which must outlive it). Resolves the upstream
@@ -74,9 +84,10 @@ int sess_ctx_init(struct sess_ctx *ctx, uv_loop_t *loop, const struct cfg *cfg, 
 /* Free what ctx holds; all sessions must be gone. */
 void sess_ctx_fini(struct sess_ctx *ctx);
 
-/* Accept one pending connection on server and start a session for it (or
- * refuse it with `* BYE` when max-sessions is reached). */
-void sess_accept(struct sess_ctx *ctx, uv_stream_t *server);
+/* Accept one pending connection on server, a listener of the given kind,
+ * and start a session for it (or refuse it with `* BYE` when max-sessions
+ * is reached). */
+void sess_accept(struct sess_ctx *ctx, uv_stream_t *server, enum sess_listen kind);
 
 /* Tell every session `* BYE` where a line boundary allows, and close them. */
 void sess_shutdown_all(struct sess_ctx *ctx);
@@ -113,5 +124,23 @@ void sess_hold(struct side *sd);
 /* Process what sd held, then read on. Never call from inside the stage
  * callbacks of the same side (it feeds the held bytes synchronously). */
 void sess_release(struct side *sd);
+
+/* ---- for proxy/sess_tls.c ---- */
+
+/* Plaintext read from sd (lying in chunk c): the upstream's STARTTLS
+ * opening takes its lines, the stages everything else. */
+void sess_input(struct side *sd, struct buf_chunk *c, const char *p, size_t n);
+
+/* Hand what sd's queue holds to its socket (the session fails on error). */
+void sess_side_flush(struct side *sd);
+
+/* sd's peer is gone (err: UV_EOF, or why it failed). */
+void sess_side_eof(struct side *sd, int err);
+
+/* Start or stop reading sd as the session's state allows. */
+void sess_update_reading(struct side *sd);
+
+/* Re-arm the session's timer for its nearest deadline. */
+void sess_timer_update(struct sess *s);
 
 #endif

@@ -33,6 +33,7 @@ enum cmd_kind {
     CMD_SELECT,   /* a CONDSTORE SELECT/EXAMINE (proxy/sync.c) */
     CMD_ENABLE,   /* an ENABLE whose upstream part went upstream */
     CMD_INTERNAL, /* the proxy's own command: nothing reaches the client */
+    CMD_STARTTLS, /* the proxy's own STARTTLS: TLS starts once its OK is queued */
 };
 
 /* A command sent upstream, or a local answer waiting for its turn. */
@@ -50,6 +51,14 @@ struct pending {
 };
 
 enum rl_kind { RL_NONE, RL_UNTAGGED, RL_CONT, RL_TAGGED };
+
+/* Where a side stands with TLS (proxy/sess_tls.h); ordered. */
+enum side_tls {
+    SIDE_PLAIN = 0,
+    SIDE_STARTTLS_WAIT, /* client: STARTTLS accepted, its OK not yet queued */
+    SIDE_HANDSHAKE,
+    SIDE_TLS,
+};
 
 /* One direction of the session: a peer socket, what is read from it, and
  * the queue of bytes written to it. */
@@ -77,6 +86,11 @@ struct side {
     struct buf_chunk *held_chunk; /* one reference */
     uint32_t held_off;
     uint32_t held_len;
+    /* TLS (proxy/sess_tls.c) */
+    uint8_t tls_state;          /* enum side_tls */
+    struct tls *tls;            /* the engine, once the side speaks TLS; owned */
+    struct buf_chunk *ct_chunk; /* where ciphertext reads land; one reference */
+    uint64_t tls_deadline;      /* uv_now() by which the handshake must end, or 0 */
 };
 
 struct sess {
@@ -157,6 +171,17 @@ struct sess {
     bool en_condstore;     /* ENABLE named CONDSTORE (or QRESYNC) */
     unsigned en_n;         /* ENABLE's arguments */
     struct buf en_other;   /* the names the proxy does not own */
+
+    /* TLS (proxy/sess_tls.c) */
+    uint8_t listen_kind; /* enum sess_listen */
+    uint8_t up_pre;      /* enum up_pre: the upstream's STARTTLS opening */
+    bool is_up_ready;    /* connected, and TLS up where upstream-tls says so */
+    bool is_plain_mech;  /* AUTHENTICATE's mechanism sends a secret in the clear */
+    bool up_had_caps;    /* the upstream's greeting had a [CAPABILITY] code */
+    char *up_greeting;   /* its text, until relayed; owned */
+    size_t up_greeting_len;
+    char *up_tls_caps; /* its capabilities asked through TLS; owned */
+    size_t up_tls_caps_len;
 
     char peer[64];
 };

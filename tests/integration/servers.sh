@@ -22,7 +22,10 @@
 #
 # Dovecot runs from its own config file in its temp dir (never /etc/dovecot):
 # legacy mode, i.e. imap_capability without CONDSTORE, QRESYNC and ENABLE,
-# plaintext auth allowed (no SSL), passwd-file auth, Maildir.
+# plaintext auth allowed (no SSL), passwd-file auth, Maildir. With
+# QR_DOVECOT_SSL_CERT and QR_DOVECOT_SSL_KEY (PEM files) set, it also speaks
+# TLS: STARTTLS on DOVECOT_PORT and implicit TLS on DOVECOT_TLS_PORT
+# (plaintext auth stays allowed, so the plain port works as before).
 #
 # Courier-IMAP is not installed (it conflicts with dovecot-imapd): it is
 # unpacked by deploy/fetch-courier.sh into $QR_COURIER_ROOT and run inside a
@@ -154,7 +157,15 @@ start_dovecot() {
     DOVECOT_DIR=$(mktemp -d "$QR_TMP/dovecot.XXXXXX")
     chmod 755 "$DOVECOT_DIR"
     DOVECOT_PORT=$(qr_free_port)
-    local d=$DOVECOT_DIR
+    local d=$DOVECOT_DIR ssl_conf="ssl = no" imaps_port=0
+    if [ -n "${QR_DOVECOT_SSL_CERT:-}" ]; then
+        DOVECOT_TLS_PORT=$(qr_free_port)
+        imaps_port=$DOVECOT_TLS_PORT
+        ssl_conf="ssl = yes
+ssl_cert = <$QR_DOVECOT_SSL_CERT
+ssl_key = <$QR_DOVECOT_SSL_KEY"
+        export DOVECOT_TLS_PORT
+    fi
     mkdir -p "$d/run" "$d/state" "$d/home/$QR_USER"
     DOVECOT_MAILDIR=$d/home/$QR_USER/Maildir
     qr_copy_seed "$DOVECOT_MAILDIR"
@@ -171,7 +182,7 @@ state_dir = $d/state
 instance_name = qr-dovecot-$DOVECOT_PORT
 log_path = $d/dovecot.log
 info_log_path = $d/dovecot.log
-ssl = no
+$ssl_conf
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 imap_capability = $QR_DOVECOT_CAPS
@@ -209,7 +220,8 @@ service imap-login {
     port = $DOVECOT_PORT
   }
   inet_listener imaps {
-    port = 0
+    address = 127.0.0.1
+    port = $imaps_port
   }
   process_limit = 500
 }
