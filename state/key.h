@@ -5,7 +5,8 @@
  *   <prefix>{<user>/<mailbox>}:s     state hash (meta, flag dictionary,
  *                                    message chunks)
  *   <prefix>{<user>/<mailbox>}:x     expunge history (packed string)
- *   <prefix>{<user>/<mailbox>}:l     lease (reserved for lease.c)
+ *   <prefix>{<user>/<mailbox>}:l     lease keys: lease.c appends the
+ *                                    kind (":l:snap", ":l:store")
  *   <prefix>{<user>/<mailbox>}:n     pub/sub channel of change events
  *
  * where <user> and <mailbox> are percent-encoded: every byte outside

@@ -18,6 +18,8 @@
  *   store_expunged()          UIDs expunged since M, and whether the history
  *                             is complete back to M
  *   store_subscribe()         change events of a mailbox, from any process
+ *   store_lease_acquire()     a lease on a mailbox (one snapshotter at a
+ *                             time; CS-46 conditional stores), see "Leases"
  *
  * Modseqs (DESIGN inv. 1, state/clock.h): every change found by one
  * observation gets the same fresh modseq max(highest + 1, now in µs), never
@@ -234,6 +236,90 @@ void store_req_cancel(struct store_req **reqp);
 QR_MUST_CHECK int store_subscribe(struct store_mbox *mb, store_event_cb *cb, void *arg,
                                   struct store_sub **out);
 void store_unsubscribe(struct store_sub **subp);
+
+/* ---- Leases ----
+ *
+ * A lease is a Redis key with an expiry, <state key>:l:<kind> in the
+ * mailbox's hash slot (state/key.h; Cluster keeps it with the mailbox's
+ * keys), holding the holder's token. It serialises work on one mailbox
+ * across every proxy process:
+ *
+ *   STORE_LEASE_SNAPSHOT  only one process snapshots a mailbox at a time
+ *                         (DESIGN "State model"); the others wait for it
+ *                         and reuse its snapshot
+ *   STORE_LEASE_STORE     STORE/UID STORE UNCHANGEDSINCE (CS-46): refresh,
+ *                         split and store under the lease, so two clients
+ *                         of any proxy nodes never both win
+ *
+ * Leases are per (user, mailbox name); UIDVALIDITY plays no part.
+ *
+ * Safety: a lease ends on its own after its TTL if its holder dies; renew
+ * and release act only with the holder's token (compare-and-set in one
+ * Lua script), so a holder whose lease expired can never extend or delete
+ * its successor's. A holder must finish (or renew) before
+ * lease.valid_until_ms, a conservative bound on the loop clock (uv_now):
+ * the loop time when the request that acquired or renewed it was sent,
+ * plus the TTL, which Redis counts from a later instant. Compare it with
+ * an up-to-date clock (uv_update_time() first) or keep a margin. Limits: a Sentinel failover may
+ * lose a lease (replication is asynchronous), and a request that timed out may still have taken the
+ * lease, which then lapses after its TTL; both only reopen the window that writers bypassing the
+ * proxy already have.
+ *
+ * DESIGN inv. 6: while Redis is unreachable every lease call fails with
+ * QR_EUNAVAIL / QR_ETIMEDOUT within the bound; never a guessed "held".
+ */
+
+enum store_lease_kind {
+    STORE_LEASE_SNAPSHOT,
+    STORE_LEASE_STORE,
+};
+
+#define STORE_LEASE_TOKEN_MAX 40
+#define STORE_LEASE_TTL_MAX   600000u /* ms */
+
+/* A lease held: a plain value the holder keeps and passes to renew and
+ * release. */
+struct store_lease {
+    enum store_lease_kind kind;
+    char token[STORE_LEASE_TOKEN_MAX]; /* NUL-terminated, unique per acquire */
+    uint64_t valid_until_ms;           /* loop time (uv_now) until which the
+                                          lease is surely ours */
+};
+
+/* The outcome of a lease call (err == 0).
+ *   acquire: is_held = the lease is ours (lease filled), else busy: another
+ *            holder has it for busy_ms more
+ *   renew:   is_held = it was still ours and now lasts the new TTL (lease
+ *            has the new valid_until_ms), else lost (busy_ms as above,
+ *            0 if nobody holds it)
+ *   release: is_held = it was ours and is deleted now, else it had expired
+ *            or is someone else's (left alone); also false when a resend
+ *            after a lost connection finds the first attempt's work done */
+struct store_lease_result {
+    bool is_held;
+    struct store_lease lease;
+    uint32_t busy_ms;
+};
+
+typedef void store_lease_cb(void *arg, int err, const struct store_lease_result *res);
+
+/* Acquire the mailbox's lease of this kind for ttl_ms (1..TTL_MAX). With
+ * wait_ms 0, one attempt; otherwise, while it is busy, try again with
+ * backoff (20..200 ms, never past the holder's remaining TTL) until wait_ms
+ * have passed, then report busy. Redis errors end the wait at once. One
+ * round trip per attempt. Fails at once with QR_EINVAL (ttl). Cancelling an
+ * acquire in flight releases the lease if it was taken meanwhile. */
+QR_MUST_CHECK int store_lease_acquire(struct store_mbox *mb, enum store_lease_kind kind,
+                                      uint32_t ttl_ms, uint32_t wait_ms, store_lease_cb *cb,
+                                      void *arg, struct store_req **req_out);
+/* Extend a held lease to ttl_ms from now. One round trip. */
+QR_MUST_CHECK int store_lease_renew(struct store_mbox *mb, const struct store_lease *lease,
+                                    uint32_t ttl_ms, store_lease_cb *cb, void *arg,
+                                    struct store_req **req_out);
+/* Release a lease (compare-and-delete on the token). cb may be NULL (a
+ * dying session: fire and forget). One round trip. */
+QR_MUST_CHECK int store_lease_release(struct store_mbox *mb, const struct store_lease *lease,
+                                      store_lease_cb *cb, void *arg, struct store_req **req_out);
 
 /* True while the command connection is up and ready (for CAPABILITY:
  * DESIGN inv. 6 offers CONDSTORE only then). */

@@ -39,6 +39,7 @@
 #include "state/key.h"
 #include "state/pack.h"
 #include "state/resolve.h"
+#include "state/store_ext.h"
 #include "state/store_link.h"
 #include "state/store_script.h"
 #include "state/store_url.h"
@@ -49,7 +50,14 @@
 #define STORE_RETRY_MS       50 /* after TRYAGAIN, LOADING, READONLY */
 #define STORE_MAX_OBS        (64u * 1024 * 1024)
 
-enum store_kind { STORE_OBSERVE, STORE_INFO, STORE_MODSEQS, STORE_CHANGED, STORE_EXPUNGED };
+enum store_kind {
+    STORE_OBSERVE,
+    STORE_INFO,
+    STORE_MODSEQS,
+    STORE_CHANGED,
+    STORE_EXPUNGED,
+    STORE_EXT /* another module's script (store_ext.h) */
+};
 
 /* A request. Owned by the store from creation to free; the caller holds a
  * pointer only to cancel it, until its callback has returned. */
@@ -79,6 +87,12 @@ struct store_req {
     uint32_t *uids; /* STORE_MODSEQS: the UIDs asked, in the caller's order */
     size_t n_uids;
     uint64_t since;
+    uint64_t sent_ms;                  /* loop time of the last send */
+    const struct store_script *script; /* the script it runs */
+    store_ext_cb *ext_cb;              /* STORE_EXT */
+    store_ext_orphan_cb *ext_orphan;
+    store_ext_free_fn *ext_free;
+    void *ext;
 };
 
 struct store_sub {
@@ -106,7 +120,10 @@ struct store {
     uint32_t timeout_ms;
     uint64_t expire_ms;
     uint32_t history_max;
-    char sha[41];
+    struct store_script script; /* store_script.c */
+    uint64_t id;                /* random, for store_unique() */
+    uint64_t serial;
+    uint64_t rng;
 
     struct store_link *links; /* all links, freed by store_free */
     struct store_link *main;  /* standalone and Sentinel */
@@ -162,6 +179,8 @@ static void store_req_free(struct store_req *req)
     free(req->argv);
     free(req->argvlen);
     free(req->uids);
+    if (req->ext_free != NULL)
+        req->ext_free(req->ext);
     free(req);
 }
 
@@ -189,10 +208,28 @@ void store_count_redirect(struct store *st)
             store_req_free(r_);                                                                    \
     } while (0)
 
+/* End an extension request: its callback may ask for another run
+ * (store_req_again()) instead. */
+static void store_ext_finish(struct store_req *req, int err, const redisReply *r)
+{
+    store_unlink(req);
+    if (!req->is_done) {
+        req->is_done = true;
+        req->ext_cb(req, req->ext, err, r);
+        if (!req->is_done)
+            return; /* queued again */
+    }
+    if (!req->in_hiredis)
+        store_req_free(req);
+}
+
 /* End a request with an error, whatever its kind. */
 static void store_fail(struct store_req *req, int err)
 {
     switch (req->kind) {
+    case STORE_EXT:
+        store_ext_finish(req, err, NULL);
+        break;
     case STORE_OBSERVE:
         STORE_FINISH(req, observe, err, NULL);
         break;
@@ -607,11 +644,11 @@ static void store_send(struct store_req *req)
     }
     if (req->use_eval) {
         req->argv[0] = "EVAL";
-        req->argv[1] = (char *)store_script_lua;
-        req->argvlen[1] = store_script_len;
+        req->argv[1] = (char *)req->script->lua;
+        req->argvlen[1] = req->script->len;
     } else {
         req->argv[0] = "EVALSHA";
-        req->argv[1] = st->sha;
+        req->argv[1] = (char *)req->script->sha;
         req->argvlen[1] = 40;
     }
     req->argvlen[0] = strlen(req->argv[0]);
@@ -630,6 +667,7 @@ static void store_send(struct store_req *req)
     }
     req->in_hiredis = true;
     req->sent_on = l;
+    req->sent_ms = store_now_ms(st);
     store_push(&st->inflight, req);
 }
 
@@ -657,7 +695,14 @@ static void store_on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     (void)ac;
     req->in_hiredis = false;
     if (req->is_done) {
-        store_req_free(req); /* a zombie: cancelled or timed out */
+        /* A zombie: cancelled or timed out. */
+        if (req->ext_orphan != NULL && r != NULL && r->type != REDIS_REPLY_ERROR) {
+            store_ext_orphan_cb *orphan = req->ext_orphan;
+
+            req->ext_orphan = NULL;
+            orphan(req->ext, r);
+        }
+        store_req_free(req);
         return;
     }
     if (r == NULL) {
@@ -865,6 +910,7 @@ static void store_deliver_get(struct store_req *req, redisReply *r)
         break;
     }
     case STORE_OBSERVE:
+    case STORE_EXT:
         break;
     }
     free(e);
@@ -872,6 +918,10 @@ static void store_deliver_get(struct store_req *req, redisReply *r)
 
 static void store_deliver(struct store_req *req, redisReply *r)
 {
+    if (req->kind == STORE_EXT) {
+        store_ext_finish(req, 0, r);
+        return;
+    }
     if (req->kind == STORE_OBSERVE) {
         struct store_result res;
         uint64_t v[6];
@@ -956,7 +1006,6 @@ static void store_on_tick(uv_timer_t *t)
 int store_new(struct uv_loop_s *loop, const struct store_opts *opts, struct store **out)
 {
     struct store *st;
-    unsigned char digest[20];
     const char *prefix = opts->prefix ? opts->prefix : "qr:";
 
     if (!key_prefix_ok(prefix))
@@ -971,9 +1020,10 @@ int store_new(struct uv_loop_s *loop, const struct store_opts *opts, struct stor
     st->timeout_ms = opts->timeout_ms ? opts->timeout_ms : 3000;
     st->expire_ms = (uint64_t)(opts->idle_expire_s ? opts->idle_expire_s : 30u * 86400) * 1000;
     st->history_max = opts->history_max ? opts->history_max : 20000;
-    mbedtls_sha1_ret((const unsigned char *)store_script_lua, store_script_len, digest);
-    for (int i = 0; i < 20; i++)
-        snprintf(st->sha + 2 * i, 3, "%02x", digest[i]);
+    store_script_init(&st->script, store_script_lua, store_script_len);
+    if (uv_random(NULL, NULL, &st->id, sizeof(st->id), 0, NULL) != 0)
+        st->id = uv_hrtime() ^ (uint64_t)(uintptr_t)st ^ (uint64_t)uv_os_getpid() << 32;
+    st->rng = st->id | 1;
     store_list_init(&st->waiting);
     store_list_init(&st->inflight);
     st->subs.prev = st->subs.next = &st->subs;
@@ -1121,6 +1171,7 @@ static struct store_req *store_req_new(struct store_mbox *mb, enum store_kind ki
 
     req->st = st;
     req->kind = kind;
+    req->script = &st->script;
     req->slot = mb->slot;
     req->deadline = store_now_ms(st) + st->timeout_ms;
     req->argc = 14;
@@ -1367,4 +1418,106 @@ void store_unsubscribe(struct store_sub **subp)
     s->next->prev = s->prev;
     free(s->chan);
     free(s);
+}
+
+/* ---- extensions (store_ext.h) ---- */
+
+void store_script_init(struct store_script *sc, const char *lua, size_t len)
+{
+    unsigned char digest[20];
+
+    sc->lua = lua;
+    sc->len = len;
+    mbedtls_sha1_ret((const unsigned char *)lua, len, digest);
+    for (int i = 0; i < 20; i++)
+        snprintf(sc->sha + 2 * i, 3, "%02x", digest[i]);
+}
+
+struct store_req *store_req_script(struct store *st, uint16_t slot, const struct store_script *sc,
+                                   size_t n_keys, size_t n, const char *const *args,
+                                   const size_t *lens, store_ext_cb *cb,
+                                   store_ext_orphan_cb *orphan, void *ext,
+                                   store_ext_free_fn *ext_free)
+{
+    struct store_req *req = xcalloc(1, sizeof(*req));
+    char num[24];
+
+    req->st = st;
+    req->kind = STORE_EXT;
+    req->script = sc;
+    req->slot = slot;
+    req->deadline = store_now_ms(st) + st->timeout_ms;
+    req->argc = (int)(3 + n);
+    req->argv = xcalloc(3 + n, sizeof(char *));
+    req->argvlen = xcalloc(3 + n, sizeof(size_t));
+    req->argvlen[2] = (size_t)snprintf(num, sizeof(num), "%zu", n_keys);
+    req->argv[2] = xstrdup(num);
+    for (size_t i = 0; i < n; i++) {
+        req->argv[3 + i] = xmemdup(args[i], lens[i]);
+        req->argvlen[3 + i] = lens[i];
+    }
+    req->ext_cb = cb;
+    req->ext_orphan = orphan;
+    req->ext = ext;
+    req->ext_free = ext_free;
+    return req;
+}
+
+void store_req_start(struct store_req *req, struct store_req **req_out)
+{
+    if (req_out != NULL)
+        *req_out = req;
+    store_send(req); /* at most queued in hiredis: never calls back inline */
+}
+
+void store_req_again(struct store_req *req, uint64_t at_ms)
+{
+    /* Only after a reply: a request hiredis still holds cannot go twice. */
+    if (req->in_hiredis)
+        return;
+    req->is_done = false;
+    req->not_before = at_ms;
+    req->deadline = at_ms + req->st->timeout_ms;
+    store_push(&req->st->waiting, req);
+}
+
+uint64_t store_req_sent_ms(const struct store_req *req)
+{
+    return req->sent_ms;
+}
+
+uint64_t store_fresh_ms(struct store *st)
+{
+    uv_update_time(st->loop);
+    return uv_now(st->loop);
+}
+
+struct store *store_mbox_store(const struct store_mbox *mb)
+{
+    return mb->st;
+}
+
+const struct key_set *store_mbox_keys(const struct store_mbox *mb)
+{
+    return &mb->keys;
+}
+
+uint16_t store_mbox_slot(const struct store_mbox *mb)
+{
+    return mb->slot;
+}
+
+void store_unique(struct store *st, char *out)
+{
+    snprintf(out, STORE_LEASE_TOKEN_MAX, "%016llx.%llx", (unsigned long long)st->id,
+             (unsigned long long)++st->serial);
+}
+
+uint32_t store_rand(struct store *st)
+{
+    /* xorshift64* */
+    st->rng ^= st->rng >> 12;
+    st->rng ^= st->rng << 25;
+    st->rng ^= st->rng >> 27;
+    return (uint32_t)((st->rng * 2685821657736338717ull) >> 32);
 }

@@ -13,6 +13,7 @@
 #include "it.h"
 #include "state/clock.h"
 #include "state/key.h"
+#include "state/lease.h"
 #include "state/store.h"
 #include "tests/integration/state/store_it.h"
 
@@ -202,6 +203,22 @@ static bool dep_status_ok(redisReply *r)
     return ok;
 }
 
+struct dep_lease {
+    bool done;
+    int err;
+    struct store_lease_result res;
+};
+
+static void dep_on_lease(void *arg, int err, const struct store_lease_result *res)
+{
+    struct dep_lease *l = arg;
+
+    l->done = true;
+    l->err = err;
+    if (res != NULL)
+        l->res = *res;
+}
+
 static bool t_cluster(void)
 {
     char url[256], name[32];
@@ -237,6 +254,41 @@ static bool t_cluster(void)
     }
     IT_CHECK(owners[0] > 0 && owners[1] > 0 && owners[2] > 0, "spread %d/%d/%d", owners[0],
              owners[1], owners[2]);
+    /* Leases live in their mailbox's slot, on its node (store.h "Leases"). */
+    for (int i = 0; i < 30; i++) {
+        struct key_set ks;
+        struct dep_lease a = {0}, b = {0}, c = {0};
+        redisReply *r;
+        char *lk;
+        size_t lk_len;
+        int owner;
+
+        snprintf(name, sizeof(name), "user%d", i);
+        IT_CHECK(key_make("t:", name, strlen(name), "INBOX", 5, &ks) == 0, "keys");
+        lk = lease_key(&ks, i % 2 ? STORE_LEASE_STORE : STORE_LEASE_SNAPSHOT, &lk_len);
+        r = it_cmd(cl[0].port, "CLUSTER KEYSLOT %s", lk);
+        IT_CHECK(r != NULL && r->integer == key_slot(ks.state, ks.len), "lease slot of %s", lk);
+        freeReplyObject(r);
+        owner = dep_owner(key_slot(ks.state, ks.len));
+        IT_CHECK(store_lease_acquire(mb[i], i % 2 ? STORE_LEASE_STORE : STORE_LEASE_SNAPSHOT, 5000,
+                                     0, dep_on_lease, &a, NULL) == 0 &&
+                     it_wait(&a.done, 5000) && a.err == 0 && a.res.is_held,
+                 "lease %d", i);
+        r = it_cmd(cl[owner].port, "GET %s", lk);
+        IT_CHECK(r != NULL && r->type == REDIS_REPLY_STRING &&
+                     strcmp(r->str, a.res.lease.token) == 0,
+                 "lease %d on the mailbox's node", i);
+        freeReplyObject(r);
+        IT_CHECK(store_lease_acquire(mb[i], a.res.lease.kind, 5000, 0, dep_on_lease, &b, NULL) ==
+                         0 &&
+                     it_wait(&b.done, 5000) && b.err == 0 && !b.res.is_held,
+                 "busy %d", i);
+        IT_CHECK(store_lease_release(mb[i], &a.res.lease, dep_on_lease, &c, NULL) == 0 &&
+                     it_wait(&c.done, 5000) && c.err == 0 && c.res.is_held,
+                 "release %d", i);
+        free(lk);
+        key_fini(&ks);
+    }
     for (int i = 0; i < 30; i++)
         IT_CHECK(it_observe(mb[i], o, 300, true, &res) == 0 && res.modseq == 0, "noop %d", i);
 

@@ -38,7 +38,7 @@ fi
 mkdir -p "$OUT"
 IT=tests/integration/state
 # shellcheck disable=SC2086
-for prog in store_it deploy_it; do
+for prog in store_it lease_it deploy_it; do
     cc -I. $WARN $OPT -D_DEFAULT_SOURCE -o "$OUT/$prog" "$IT/$prog.c" "$IT/it.c" "$IT/store_it_lib.c" \
         "$IT/gai_hook.c" "$LIBQR" $LIBS ||
         fail_build "$prog"
@@ -85,7 +85,8 @@ else
         auth_wrong_password
     QR_IT_MODE=acl run acl "$OUT/store_it" "$T/acl" basic pubsub auth_wrong_password dns_name_off_loop
     QR_IT_MODE=unixauth run unixauth "$OUT/store_it" "$T/unixauth" basic pubsub
-    mkdir -p "$T/sentinel" "$T/cluster"
+    mkdir -p "$T/lease" "$T/sentinel" "$T/cluster"
+    run lease "$OUT/lease_it" "$T/lease"
     run sentinel "$OUT/deploy_it" "$T/sentinel" sentinel
     run cluster "$OUT/deploy_it" "$T/cluster" cluster
 fi
