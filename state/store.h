@@ -7,16 +7,22 @@
  *
  *   store_observe()           a partial list of UID -> flags (and UIDs the
  *                             upstream reported expunged)
+ *   store_observe_one()       one untagged FETCH's flags; the result gives
+ *                             that message's MODSEQ (one round trip)
  *   store_observe_snapshot()  the complete UID -> flags list of the mailbox;
  *                             every stored UID absent from it is expunged.
  *                             Only a complete snapshot may be passed (tagged
  *                             OK seen, as many messages as EXISTS; DESIGN
  *                             inv. 4): the store cannot check that.
  *   store_info()              HIGHESTMODSEQ and the state's bookkeeping
+ *                             (the quick query: reads no message data)
  *   store_modseqs()           the modseq of given UIDs
  *   store_changed()           UIDs (with flags and modseq) changed since M
  *   store_expunged()          UIDs expunged since M, and whether the history
  *                             is complete back to M
+ *   store_since()             both of the above in one round trip and one
+ *                             consistent view (QRESYNC SELECT, FETCH
+ *                             CHANGEDSINCE ... VANISHED)
  *   store_subscribe()         change events of a mailbox, from any process
  *   store_lease_acquire()     a lease on a mailbox (one snapshotter at a
  *                             time; CS-46 conditional stores), see "Leases"
@@ -121,8 +127,11 @@ struct store_result {
                          changed nothing (inv. 3: identical again = no-op) */
     uint64_t highest; /* HIGHESTMODSEQ afterwards */
     uint32_t n_changed, n_new, n_gone;
-    bool is_fresh; /* the state was (re)created by this observation: it was
-                      missing, evicted, or of another UIDVALIDITY (inv. 2) */
+    bool is_fresh;       /* the state was (re)created by this observation: it was
+                            missing, evicted, or of another UIDVALIDITY (inv. 2) */
+    uint64_t uid_modseq; /* for a one-message observation (store_observe_one):
+                            that message's modseq afterwards, changed or not;
+                            0 if it was reported gone */
 };
 
 /* A mailbox state's bookkeeping. When has_state is false the other fields
@@ -170,9 +179,17 @@ typedef void store_changed_cb(void *arg, int err, const struct store_msg *msgs, 
  * with a modseq above `since` is listed (DESIGN inv. 4). */
 typedef void store_expunged_cb(void *arg, int err, const uint32_t *uids, size_t n, bool is_complete,
                                const struct store_info *info);
-/* A mailbox's state changed (any process): its UIDVALIDITY and new
- * HIGHESTMODSEQ. Events are hints: they may be lost while Redis is
- * unreachable, so a session also polls. */
+/* store_since(): what store_changed() and store_expunged() give, from one
+ * read of the state. */
+typedef void store_since_cb(void *arg, int err, const struct store_msg *msgs, size_t n,
+                            const uint32_t *expunged, size_t n_expunged, bool is_complete,
+                            const struct store_info *info);
+/* A mailbox's state changed (any process, this one included): its
+ * UIDVALIDITY and new HIGHESTMODSEQ. Events are hints: they may be lost
+ * while Redis is unreachable, so a session also polls; one that already
+ * knows `highest` (from its own observation) ignores the event. A session
+ * pushing changes to an IDLE client answers an event with store_since()
+ * from the HIGHESTMODSEQ it last reported. */
 typedef void store_event_cb(void *arg, uint32_t uidvalidity, uint64_t highest);
 
 /* Create the store and start connecting in the background. Returns 0 and
@@ -207,6 +224,13 @@ uint32_t store_mbox_uidvalidity(const struct store_mbox *mb);
  * over STORE_FLAGS_MAX). Takes one Redis round trip. */
 QR_MUST_CHECK int store_observe(struct store_mbox *mb, const struct store_obs *obs, size_t n,
                                 store_observe_cb *cb, void *arg, struct store_req **req_out);
+/* Observe one message, as an untagged `* n FETCH (UID u FLAGS (...))`
+ * reports it: store_observe() of one store_obs, with nothing for the
+ * caller to allocate. res->uid_modseq is the message's MODSEQ to attach
+ * (its new modseq if the flags changed, else the stored one). */
+QR_MUST_CHECK int store_observe_one(struct store_mbox *mb, uint32_t uid, const char *flags,
+                                    size_t flags_len, store_observe_cb *cb, void *arg,
+                                    struct store_req **req_out);
 /* Observe the complete list of the mailbox's messages (is_gone must be
  * false). Stored UIDs not in it are expunged with this observation's modseq.
  * One round trip. */
@@ -223,6 +247,10 @@ QR_MUST_CHECK int store_changed(struct store_mbox *mb, uint64_t since, store_cha
                                 void *arg, struct store_req **req_out);
 QR_MUST_CHECK int store_expunged(struct store_mbox *mb, uint64_t since, store_expunged_cb *cb,
                                  void *arg, struct store_req **req_out);
+/* Messages with modseq > since and UIDs expunged since `since`, one round
+ * trip. is_complete as for store_expunged() (DESIGN inv. 4). */
+QR_MUST_CHECK int store_since(struct store_mbox *mb, uint64_t since, store_since_cb *cb, void *arg,
+                              struct store_req **req_out);
 
 /* Cancel a pending request: its callback will never run. Sets *reqp to
  * NULL; a NULL *reqp is ignored. Call it from a dying session for each

@@ -56,6 +56,7 @@ enum store_kind {
     STORE_MODSEQS,
     STORE_CHANGED,
     STORE_EXPUNGED,
+    STORE_SINCE,
     STORE_EXT /* another module's script (store_ext.h) */
 };
 
@@ -70,6 +71,7 @@ struct store_req {
         store_modseqs_cb *modseqs;
         store_changed_cb *changed;
         store_expunged_cb *expunged;
+        store_since_cb *since;
     } cb;
     void *arg;
     bool is_done;           /* callback ran or request cancelled */
@@ -244,6 +246,9 @@ static void store_fail(struct store_req *req, int err)
         break;
     case STORE_EXPUNGED:
         STORE_FINISH(req, expunged, err, NULL, 0, false, NULL);
+        break;
+    case STORE_SINCE:
+        STORE_FINISH(req, since, err, NULL, 0, NULL, 0, false, NULL);
         break;
     }
 }
@@ -830,6 +835,56 @@ static int store_u32_cmp(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* The messages of e[0..n) (sorted) with modseq > since, their flags
+ * pointing into the dictionary reply d ([id, flags, ...]). malloc'ed. */
+static struct store_msg *store_pick_changed(const redisReply *d, const struct pack_entry *e,
+                                            size_t n, uint64_t since, size_t *n_out)
+{
+    struct store_msg *m = xmalloc((n + 1) * sizeof(*m));
+    /* Flag set ids are dense (1..dn): index the dictionary by id. */
+    const redisReply **byid = xcalloc(65536, sizeof(*byid));
+    size_t k = 0;
+
+    for (size_t j = 0; j + 1 < d->elements; j += 2) {
+        unsigned long id = strtoul(d->element[j]->str, NULL, 10);
+
+        if (id < 65536 && d->element[j + 1]->type == REDIS_REPLY_STRING)
+            byid[id] = d->element[j + 1];
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (e[i].modseq <= since)
+            continue;
+        m[k].uid = e[i].uid;
+        m[k].modseq = e[i].modseq;
+        m[k].flags = byid[e[i].fid] ? byid[e[i].fid]->str : "";
+        m[k].flags_len = byid[e[i].fid] ? byid[e[i].fid]->len : 0;
+        k++;
+    }
+    free(byid);
+    *n_out = k;
+    return m;
+}
+
+/* The distinct UIDs of a packed history h, ascending. malloc'ed. */
+static uint32_t *store_pick_expunged(const redisReply *h, size_t *n_out)
+{
+    size_t nh = h->len / PACK_HIST_REC, k = 0;
+    uint32_t *u = xmalloc((nh + 1) * sizeof(*u));
+
+    for (size_t i = 0; i < nh; i++) {
+        uint64_t ms;
+
+        pack_hist_get(h->str, i, &u[i], &ms);
+    }
+    qsort(u, nh, sizeof(*u), store_u32_cmp);
+    for (size_t i = 0; i < nh; i++) {
+        if (k == 0 || u[k - 1] != u[i])
+            u[k++] = u[i];
+    }
+    *n_out = k;
+    return u;
+}
+
 static void store_deliver_get(struct store_req *req, redisReply *r)
 {
     struct store_info info;
@@ -864,48 +919,28 @@ static void store_deliver_get(struct store_req *req, redisReply *r)
         break;
     }
     case STORE_CHANGED: {
-        const redisReply *d = r->element[1];
-        struct store_msg *m = xmalloc((n + 1) * sizeof(*m));
-        /* Flag set ids are dense (1..dn): index the dictionary by id. */
-        const redisReply **byid = xcalloc(65536, sizeof(*byid));
-        size_t k = 0;
+        size_t k;
+        struct store_msg *m = store_pick_changed(r->element[1], e, n, req->since, &k);
 
-        for (size_t j = 0; j + 1 < d->elements; j += 2) {
-            unsigned long id = strtoul(d->element[j]->str, NULL, 10);
-
-            if (id < 65536 && d->element[j + 1]->type == REDIS_REPLY_STRING)
-                byid[id] = d->element[j + 1];
-        }
-        for (size_t i = 0; i < n; i++) {
-            if (e[i].modseq <= req->since)
-                continue;
-            m[k].uid = e[i].uid;
-            m[k].modseq = e[i].modseq;
-            m[k].flags = byid[e[i].fid] ? byid[e[i].fid]->str : "";
-            m[k].flags_len = byid[e[i].fid] ? byid[e[i].fid]->len : 0;
-            k++;
-        }
         STORE_FINISH(req, changed, 0, m, k, &info);
-        free(byid);
         free(m);
         break;
     }
     case STORE_EXPUNGED: {
-        const redisReply *h = r->element[3];
-        size_t nh = h->len / PACK_HIST_REC, k = 0;
-        uint32_t *u = xmalloc((nh + 1) * sizeof(*u));
+        size_t k;
+        uint32_t *u = store_pick_expunged(r->element[3], &k);
 
-        for (size_t i = 0; i < nh; i++) {
-            uint64_t ms;
-
-            pack_hist_get(h->str, i, &u[i], &ms);
-        }
-        qsort(u, nh, sizeof(*u), store_u32_cmp);
-        for (size_t i = 0; i < nh; i++) {
-            if (k == 0 || u[k - 1] != u[i])
-                u[k++] = u[i];
-        }
         STORE_FINISH(req, expunged, 0, u, k, r->element[4]->integer == 1, &info);
+        free(u);
+        break;
+    }
+    case STORE_SINCE: {
+        size_t k, ku;
+        struct store_msg *m = store_pick_changed(r->element[1], e, n, req->since, &k);
+        uint32_t *u = store_pick_expunged(r->element[3], &ku);
+
+        STORE_FINISH(req, since, 0, m, k, u, ku, r->element[4]->integer == 1, &info);
+        free(m);
         free(u);
         break;
     }
@@ -924,13 +959,13 @@ static void store_deliver(struct store_req *req, redisReply *r)
     }
     if (req->kind == STORE_OBSERVE) {
         struct store_result res;
-        uint64_t v[6];
+        uint64_t v[7];
 
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 6) {
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 7) {
             store_fail(req, QR_ESTATE);
             return;
         }
-        for (size_t i = 0; i < 6; i++) {
+        for (size_t i = 0; i < 7; i++) {
             if (!store_int(r->element[i], &v[i])) {
                 store_fail(req, QR_ESTATE);
                 return;
@@ -942,6 +977,7 @@ static void store_deliver(struct store_req *req, redisReply *r)
         res.n_new = (uint32_t)v[3];
         res.n_gone = (uint32_t)v[4];
         res.is_fresh = v[5] == 1;
+        res.uid_modseq = v[6];
         STORE_FINISH(req, observe, 0, &res);
         return;
     }
@@ -1305,6 +1341,28 @@ int store_changed(struct store_mbox *mb, uint64_t since, store_changed_cb *cb, v
     req->since = since;
     store_go(req, arg, req_out);
     return 0;
+}
+
+int store_since(struct store_mbox *mb, uint64_t since, store_since_cb *cb, void *arg,
+                struct store_req **req_out)
+{
+    size_t len;
+    char *s1 = store_num(since, &len);
+    char *s2 = xstrdup(s1);
+    struct store_req *req = store_req_new(mb, STORE_SINCE, "g", s1, len, NULL, 0, s2, len);
+
+    req->cb.since = cb;
+    req->since = since;
+    store_go(req, arg, req_out);
+    return 0;
+}
+
+int store_observe_one(struct store_mbox *mb, uint32_t uid, const char *flags, size_t flags_len,
+                      store_observe_cb *cb, void *arg, struct store_req **req_out)
+{
+    struct store_obs one = {.uid = uid, .flags = flags, .flags_len = flags_len};
+
+    return store_observe(mb, &one, 1, cb, arg, req_out);
 }
 
 int store_expunged(struct store_mbox *mb, uint64_t since, store_expunged_cb *cb, void *arg,

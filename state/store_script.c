@@ -246,6 +246,8 @@ const char store_script_lua[] =
     "end\n"
     "\n"
     "local nchg, nnew, ngone, maxuid = 0, 0, 0, 0\n"
+    "-- The modseq of the observation's highest UID afterwards (store_observe_one).\n"
+    "local last_ms = 0\n"
     "local gone = {}\n"
     "local hdel = {}\n"
     "local seen = {}\n"
@@ -284,12 +286,14 @@ const char store_script_lua[] =
     "      i = i + 1\n"
     "    else\n"
     "      local lf = nb[q + 2] * 256 + nb[q + 3]\n"
+    "      last_ms = 0\n"
     "      if noff < ooff then\n"
     "        if lf ~= GONE then\n"
     "          ch = true\n"
     "          nnew = nnew + 1\n"
     "          rc = rc + 1\n"
     "          r_off[rc], r_fid[rc], r_ms[rc] = noff, fidof[lf], M\n"
+    "          last_ms = M\n"
     "        end\n"
     "      else\n"
     "        if lf == GONE then\n"
@@ -303,8 +307,10 @@ const char store_script_lua[] =
     "            ch = true\n"
     "            nchg = nchg + 1\n"
     "            r_off[rc], r_fid[rc], r_ms[rc] = noff, f, M\n"
+    "            last_ms = M\n"
     "          else\n"
     "            r_off[rc], r_fid[rc], r_ms[rc] = ooff, f, o_ms[i]\n"
+    "            last_ms = o_ms[i]\n"
     "          end\n"
     "        end\n"
     "        i = i + 1\n"
@@ -341,7 +347,7 @@ const char store_script_lua[] =
     "if not (changed or fresh or completing or not hist_ok) then\n"
     "  if snap then redis.call('HSET', ks, 'snt', num(now)) end\n"
     "  if ttl > 0 then redis.call('PEXPIRE', ks, ttl) redis.call('PEXPIRE', kx, ttl) end\n"
-    "  return {0, hms, 0, 0, 0, 0}\n"
+    "  return {0, hms, 0, 0, 0, 0, last_ms}\n"
     "end\n"
     "\n"
     "if fresh then\n"
@@ -407,7 +413,7 @@ const char store_script_lua[] =
     "if newms ~= hms then redis.call('PUBLISH', chan, uv .. ' ' .. num(newms)) end\n"
     "local f = 0\n"
     "if fresh then f = 1 end\n"
-    "return {newms == hms and 0 or newms, newms, nchg, nnew, ngone, f}\n";
+    "return {newms == hms and 0 or newms, newms, nchg, nnew, ngone, f, last_ms}\n";
 /* clang-format on */
 
 const size_t store_script_len = sizeof(store_script_lua) - 1;

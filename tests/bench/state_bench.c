@@ -46,7 +46,7 @@ int main(int argc, char **argv)
     struct store_stats s0, s1;
     uint32_t n = argc > 2 ? (uint32_t)atoi(argv[2]) : 100000;
     enum { RUNS = 9 };
-    uint64_t t[RUNS], t_fresh, t_noop[RUNS], t_one[RUNS];
+    uint64_t t[RUNS], t_fresh, t_noop[RUNS], t_one[RUNS], t_info[RUNS];
     long long mem_s, mem_x;
 
     if (argc < 2) {
@@ -109,6 +109,15 @@ int main(int argc, char **argv)
         t_one[r] = clock_now_us() - t0;
         store_get_stats(st, &s1);
     }
+    for (int r = 0; r < RUNS; r++) {
+        struct store_info info;
+        uint64_t t0 = clock_now_us();
+
+        if (it_info(mb, &info) != 0 || info.highest == 0)
+            return 1;
+        t_info[r] = clock_now_us() - t0;
+    }
+    qsort(t_info, RUNS, sizeof(t[0]), bench_u64_cmp);
     qsort(t, RUNS, sizeof(t[0]), bench_u64_cmp);
     qsort(t_noop, RUNS, sizeof(t[0]), bench_u64_cmp);
     qsort(t_one, RUNS, sizeof(t[0]), bench_u64_cmp);
@@ -122,6 +131,8 @@ int main(int argc, char **argv)
     printf("  snapshot, nothing changed (median): %8.1f ms\n", (double)t_noop[RUNS / 2] / 1000);
     printf("  one-message observation:           %8llu round trip(s), median %.2f ms\n",
            (unsigned long long)(s1.commands - s0.commands), (double)t_one[RUNS / 2] / 1000);
+    printf("  store_info (HIGHESTMODSEQ):         %8.2f ms median\n",
+           (double)t_info[RUNS / 2] / 1000);
     printf("  redis memory: state %lld B + history %lld B = %.2f B/message\n", mem_s, mem_x,
            (double)(mem_s + mem_x) / n);
     fflush(stdout);

@@ -700,6 +700,149 @@ static bool t_wrong_password(void)
     return true;
 }
 
+/* A session's untagged FETCH (FLAGS): one round trip, and the result
+ * carries the MODSEQ to attach, whether the flags changed or not. */
+static bool t_observe_one(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_stats s0, s1;
+    struct store_obs *o = it_make(1, 100, 1, 0);
+    struct store_obs gone = {.uid = 7, .is_gone = true};
+    struct it_res r = {0};
+    uint64_t m1, ms;
+
+    IT_CHECK(store_mbox_new(st, "one", 3, "INBOX", 5, 1, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 100, true, &res) == 0, "snapshot");
+    m1 = res.modseq;
+    IT_CHECK(res.n_new == 100, "new");
+    store_get_stats(st, &s0);
+    IT_CHECK(store_observe_one(mb, 5, o[4].flags, o[4].flags_len, it_on_observe, &r, NULL) == 0 &&
+                 it_wait(&r.done, 5000) && r.err == 0,
+             "unchanged");
+    store_get_stats(st, &s1);
+    IT_CHECK(s1.commands - s0.commands == 1, "one round trip");
+    IT_CHECK(r.obs.modseq == 0 && r.obs.uid_modseq == m1, "stored modseq %llu want %llu",
+             (unsigned long long)r.obs.uid_modseq, (unsigned long long)m1);
+    r = (struct it_res){0};
+    IT_CHECK(store_observe_one(mb, 5, "(\\Flagged \\Recent)", 18, it_on_observe, &r, NULL) == 0 &&
+                 it_wait(&r.done, 5000) && r.err == 0,
+             "changed");
+    IT_CHECK(r.obs.n_changed == 1 && r.obs.modseq > m1 && r.obs.uid_modseq == r.obs.modseq,
+             "new modseq %llu, uid %llu", (unsigned long long)r.obs.modseq,
+             (unsigned long long)r.obs.uid_modseq);
+    ms = r.obs.modseq;
+    IT_CHECK(it_modseqs(mb, (uint32_t[]){5}, 1, &m1) == 0 && m1 == ms, "stored");
+    r = (struct it_res){0};
+    IT_CHECK(store_observe_one(mb, 500, "", 0, it_on_observe, &r, NULL) == 0 &&
+                 it_wait(&r.done, 5000) && r.err == 0,
+             "new uid");
+    IT_CHECK(r.obs.n_new == 1 && r.obs.uid_modseq == r.obs.modseq && r.obs.modseq > ms, "new");
+    IT_CHECK(it_observe(mb, &gone, 1, false, &res) == 0 && res.n_gone == 1 && res.uid_modseq == 0,
+             "gone: 0");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+struct it_since {
+    bool done;
+    int err;
+    struct it_msg *msgs;
+    size_t n;
+    uint32_t *uids;
+    size_t n_uids;
+    bool complete;
+    struct store_info info;
+};
+
+static void it_on_since(void *arg, int err, const struct store_msg *msgs, size_t n,
+                        const uint32_t *uids, size_t n_uids, bool complete,
+                        const struct store_info *info)
+{
+    struct it_since *r = arg;
+
+    r->done = true;
+    r->err = err;
+    r->n = n;
+    r->msgs = calloc(n + 1, sizeof(*r->msgs));
+    for (size_t i = 0; i < n; i++) {
+        r->msgs[i].uid = msgs[i].uid;
+        r->msgs[i].modseq = msgs[i].modseq;
+        snprintf(r->msgs[i].flags, sizeof(r->msgs[i].flags), "%.*s", (int)msgs[i].flags_len,
+                 msgs[i].flags);
+    }
+    r->n_uids = n_uids;
+    r->uids = calloc(n_uids + 1, sizeof(*uids));
+    if (n_uids > 0)
+        memcpy(r->uids, uids, n_uids * sizeof(*uids));
+    r->complete = complete;
+    if (info != NULL)
+        r->info = *info;
+}
+
+/* store_since() = store_changed() + store_expunged(), in one round trip. */
+static bool t_since(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_stats s0, s1;
+    struct store_obs *o = it_make(1, 600, 1, 0);
+    struct it_since r = {0};
+    struct it_msg *msgs;
+    uint32_t *uids;
+    size_t n, nu;
+    bool complete;
+    uint64_t m1;
+
+    IT_CHECK(store_mbox_new(st, "since", 5, "INBOX", 5, 1, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 600, true, &res) == 0, "snapshot");
+    m1 = res.modseq;
+    o[10].flags = "$A";
+    o[10].flags_len = 2;
+    o[400].flags = "$B";
+    o[400].flags_len = 2;
+    IT_CHECK(it_observe(mb, o + 3, 597, true, &res) == 0 && res.n_gone == 3 && res.n_changed == 2,
+             "changes and expunges");
+    store_get_stats(st, &s0);
+    IT_CHECK(store_since(mb, m1, it_on_since, &r, NULL) == 0 && it_wait(&r.done, 5000) &&
+                 r.err == 0,
+             "since");
+    store_get_stats(st, &s1);
+    IT_CHECK(s1.commands - s0.commands == 1, "one round trip");
+    IT_CHECK(it_changed(mb, m1, &msgs, &n, NULL) == 0 && n == r.n && n == 2, "changed %zu/%zu", n,
+             r.n);
+    for (size_t i = 0; i < n; i++)
+        IT_CHECK(msgs[i].uid == r.msgs[i].uid && msgs[i].modseq == r.msgs[i].modseq &&
+                     strcmp(msgs[i].flags, r.msgs[i].flags) == 0,
+                 "msg %zu", i);
+    IT_CHECK(r.msgs[0].uid == 11 && r.msgs[1].uid == 401, "uids");
+    free(msgs);
+    IT_CHECK(it_expunged(mb, m1, &uids, &nu, &complete) == 0 && nu == r.n_uids && nu == 3 &&
+                 complete == r.complete && complete,
+             "expunged %zu/%zu", nu, r.n_uids);
+    IT_CHECK(memcmp(uids, r.uids, nu * sizeof(*uids)) == 0 && r.uids[0] == 1 && r.uids[2] == 3,
+             "expunged uids");
+    IT_CHECK(r.info.highest == res.highest && r.info.n_msgs == 597, "info");
+    free(uids);
+    free(r.msgs);
+    free(r.uids);
+    /* DESIGN inv. 4: not complete before the state existed. */
+    r = (struct it_since){0};
+    IT_CHECK(store_since(mb, m1 - 1, it_on_since, &r, NULL) == 0 && it_wait(&r.done, 5000) &&
+                 r.err == 0 && !r.complete && r.n == 597,
+             "before creation: complete %d n %zu", r.complete, r.n);
+    free(r.msgs);
+    free(r.uids);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
 /* Issue 3: no blocking call on the loop. A host name is looked up on
  * libuv's threadpool (never by hiredis on the loop thread: gai_hook.c
  * counts), again on each reconnect; an IP literal is never looked up. */
@@ -812,6 +955,8 @@ static const struct it_test tests[] = {
     {"inv6_unreachable_bound", t_unreachable_bound},
     {"inv6_restart_reconnect", t_restart},
     {"auth_wrong_password", t_wrong_password},
+    {"observe_one", t_observe_one},
+    {"since", t_since},
     {"dns_name_off_loop", t_dns_name},
     {"inv6_dns_slow", t_dns_slow},
 };
