@@ -411,3 +411,12 @@ say "total $(($(date +%s) - T0)) s"
     echo "Measured $(date -u +%Y-%m-%d) with \`make bench\` (tests/bench/run.sh): $NCPU CPUs ($(uname -m)), loopback, Dovecot $(dovecot --version | cut -d' ' -f1) without CONDSTORE/QRESYNC, qresyncd in legacy mode (no Redis)."
 } >"$OUT/results.md"
 say "wrote build/bench/results.md"
+
+# ------------------------------------------------------------ condstore ----
+# Issue 5: CONDSTORE resync of a 100 000-message mailbox, through qresyncd
+# against the legacy full flag fetch and Dovecot's native CONDSTORE. Its own
+# servers, "bench: condstore ..." lines and build/bench/condstore.md; see
+# tests/bench/condstore.sh. BENCH_CONDSTORE=0 leaves it out.
+if [ "${BENCH_CONDSTORE:-1}" = 1 ]; then
+    tests/bench/condstore.sh || fail "condstore bench (tests/bench/condstore.sh)"
+fi
