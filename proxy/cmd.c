@@ -567,39 +567,60 @@ static bool cmd_search(struct sess *s, const char *b, size_t len, bool ended_in_
     return true;
 }
 
-/* STORE / UID STORE for a CONDSTORE-aware session: `.SILENT` is removed
- * upstream so the proxy learns the resulting flags and answers them with
- * UID and MODSEQ (CS-42, CS-49, X8). UNCHANGEDSINCE is not built yet. */
+/* STORE / UID STORE for a CONDSTORE-aware session. (UNCHANGEDSINCE n)
+ * goes to proxy/sync.c (CS-40..CS-46); at most one, and no other modifier
+ * (CS-45). A plain `.SILENT` store goes upstream without `.SILENT` so the
+ * proxy learns the resulting flags and answers them with UID and MODSEQ
+ * (CS-42, CS-49, X8). Returns true when it handled the command. */
 static bool cmd_store(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
                       bool ended_in_literal)
 {
-    struct ltok tk[8];
-    struct tok t;
-    size_t off = 0;
-    int n = 0;
-    (void)ended_in_literal;
+    struct ltok tk[LTOK_MAX];
+    int n = ended_in_literal ? -1 : cmd_line_tokens(s, b, len, tk);
 
-    /* Only the first tokens matter: tag [UID] STORE set item. */
-    tok_init(&t, TOK_CLIENT, &s->ctx->cli_lim);
-    while (off < len && n < 8) {
-        struct tok_ev ev;
-        size_t used = 0;
-        int rc = tok_next(&t, b + off, len - off, &used, &ev);
-        size_t from = off;
-        off += used;
-        if (rc != TOK_EVENT || ev.kind == TOK_EOL || ev.kind == TOK_LIT_START)
-            break;
-        while (from < off && b[from] == ' ')
-            from++;
-        tk[n++] = (struct ltok){ev.kind, 0, ev.num, from, off};
-    }
-    tok_fini(&t);
-    int i = n > 1 && ltok_is(b, &tk[1], "UID") ? 3 : 2;
-    if (n < i + 2 || !ltok_is(b, &tk[i - 1], "STORE"))
+    if (n < 0)
         return false;
-    const struct ltok *item = &tk[i + 1];
+    bool is_uid = n > 1 && ltok_is(b, &tk[1], "UID");
+    int i = is_uid ? 3 : 2;
+    if (n < i + 3 || !ltok_is(b, &tk[i - 1], "STORE"))
+        return false;
+    const struct ltok *set = &tk[i++];
+    bool has_unch = false, is_bad = false;
+    uint64_t since = 0;
+    if (tk[i].kind == TOK_LIST_OPEN) {
+        for (i++; i < n && tk[i].kind != TOK_LIST_CLOSE; i++) {
+            if (ltok_is(b, &tk[i], "UNCHANGEDSINCE") && !has_unch && i + 1 < n &&
+                tk[i + 1].kind == TOK_NUMBER && tk[i + 1].num <= INT64_MAX) {
+                has_unch = true;
+                since = tk[++i].num;
+            } else {
+                is_bad = true;
+            }
+        }
+        i++;
+    }
+    if (is_bad || i + 1 >= n) {
+        cmd_refuse(s, "BAD Invalid STORE modifier or arguments", false);
+        return true;
+    }
+    const struct ltok *item = &tk[i];
     size_t il = item->to - item->from;
-    if (il < 7 || strncasecmp(b + item->to - 7, ".SILENT", 7) != 0)
+    bool is_silent = il >= 7 && strncasecmp(b + item->to - 7, ".SILENT", 7) == 0;
+    size_t end = len;
+    while (end > 0 && (b[end - 1] == '\n' || b[end - 1] == '\r'))
+        end--;
+    size_t vfrom = tk[i + 1].from;
+    if (has_unch) {
+        s->is_condstore = true; /* CS-20 */
+        if (!sync_store_unchangedsince(s, is_uid, b + set->from, set->to - set->from,
+                                       b + item->from, is_silent ? il - 7 : il, b + vfrom,
+                                       end - vfrom, since))
+            cmd_refuse(s, "NO [UNAVAILABLE] Mod-sequences are not available now", false);
+        else
+            s->cur_started = true;
+        return true;
+    }
+    if (!is_silent)
         return false;
     s->last_kind = CMD_OTHER;
     cmd_send(s, CMD_OTHER, c, b + s->cli.tag_end, item->to - 7 - s->cli.tag_end, b + item->to,

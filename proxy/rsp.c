@@ -30,14 +30,28 @@ static void rsp_send_tag(struct sess *s)
 }
 
 /* Emit b[0..len), the start of the current upstream line, with the tag
- * mapped back to the client's. */
+ * mapped back to the client's, and the [MODIFIED set] code a conditional
+ * STORE's completion carries (CS-41) right after its status word. */
 static void rsp_emit_head(struct sess *s, struct buf_chunk *c, const char *b, size_t len)
 {
     size_t skip = 0;
 
     if (s->rl_kind == RL_TAGGED && !s->rl_tag_sent && s->rl_cmd != NULL) {
+        const char *code = sync_tagged_code(s, s->rl_cmd);
         rsp_send_tag(s);
         skip = s->up.tag_end < len ? s->up.tag_end : len;
+        if (code != NULL) {
+            size_t w = skip;
+            while (w < len && b[w] == ' ')
+                w++;
+            while (w < len && b[w] != ' ' && b[w] != '\r' && b[w] != '\n')
+                w++;
+            sess_send(&s->cli, c, b + skip, w - skip);
+            sess_send(&s->cli, NULL, " [MODIFIED ", 11);
+            sess_send(&s->cli, NULL, code, strlen(code));
+            sess_send(&s->cli, NULL, "]", 1);
+            skip = w;
+        }
     }
     sess_send(&s->cli, c, b + skip, len - skip);
 }

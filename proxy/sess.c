@@ -223,6 +223,14 @@ void sess_input(struct side *sd, struct buf_chunk *c, const char *p, size_t n)
     side_feed(sd, c, p, n);
 }
 
+void sess_flush(struct sess *s)
+{
+    if (s->is_closing)
+        return;
+    side_flush(&s->cli);
+    side_flush(&s->up);
+}
+
 void sess_hold(struct side *sd)
 {
     sd->is_held = true;

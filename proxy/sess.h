@@ -116,6 +116,10 @@ void sess_drain(struct sess *s, const char *reason);
 /* The upstream accepted a login: the idle timeout applies from now on. */
 void sess_logged_in(struct sess *s);
 
+/* Hand what is queued to both sockets now (for callbacks that run outside
+ * a read, e.g. the state store's). */
+void sess_flush(struct sess *s);
+
 /* Stop processing input from sd at the next segment boundary (a stage
  * waits for something, e.g. the state store, and nothing behind may
  * overtake it). What was read stays queued, in order. */

@@ -56,6 +56,12 @@ struct sync {
     struct pending *filter_cmd;
     struct pending *noop;       /* the refresh's NOOP */
     struct pending *search_cmd; /* a SEARCH whose results get (MODSEQ m) */
+    struct pending *store_cmd;  /* a conditional STORE's pass set upstream */
+    char *modified;             /* its [MODIFIED] set, or NULL */
+    bool has_store_lease;
+    struct store_lease store_lease;
+    uint32_t *targets; /* the conditional STORE's messages (UIDs) */
+    uint32_t n_targets;
     bool search_is_uid;
     struct buf search_line; /* the untagged SEARCH waiting for it */
     uint32_t *search_uids;
@@ -68,6 +74,11 @@ struct sync {
 struct cs_fetch {
     bool is_uid;
     bool is_search;
+    bool is_store;
+    char *item;  /* STORE: "+FLAGS" etc., without .SILENT */
+    char *value; /* STORE: the flag list as sent */
+    bool has_lease;
+    struct store_lease lease;
     char *line; /* SEARCH: the command after the tag, CRLF included */
     size_t line_len;
     unsigned n_keys;
@@ -90,6 +101,9 @@ static void sync_fetch_send(struct sess *s, const char *subset);
 static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_t n);
 static void sync_store_lost(struct sess *s, int err);
 static void sync_start_refresh(struct sess *s);
+static void sync_begin(struct sess *s);
+static void sync_store_split(struct sess *s);
+static void sync_store_unlease(struct sess *s);
 
 static void snap_reset(struct snap *sn)
 {
@@ -122,9 +136,15 @@ void sync_fini(struct sess *s)
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
     buf_fini(&y->line);
+    if (y->has_store_lease && y->mb != NULL &&
+        store_lease_release(y->mb, &y->store_lease, NULL, NULL, NULL) < 0) {
+        /* it expires on its own (TTL) */
+    }
     cs_fetch_free(y);
     buf_fini(&y->search_line);
     free(y->search_uids);
+    free(y->modified);
+    free(y->targets);
     free(y->mailbox);
     free(y);
     s->sync = NULL;
@@ -371,6 +391,12 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     }
     if (p == y->search_cmd)
         y->search_cmd = NULL;
+    if (p == y->store_cmd) {
+        y->store_cmd = NULL;
+        free(y->modified);
+        y->modified = NULL;
+        sync_store_unlease(s);
+    }
 }
 
 /* ---------------------------------------------------- FETCH enrichment */
@@ -517,6 +543,8 @@ static void cs_fetch_free(struct sync *y)
     if (y->fetch == NULL)
         return;
     free(y->fetch->line);
+    free(y->fetch->item);
+    free(y->fetch->value);
     free(y->fetch->set);
     free(y->fetch->items);
     free(y->fetch->tag);
@@ -534,6 +562,7 @@ static void sync_start_refresh(struct sess *s)
      * NOOP); its answers reach the client like any unsolicited data, then
      * the snapshot runs. */
     y->noop = cmd_internal(s, "NOOP");
+    sess_flush(s); /* also called from store callbacks, outside any read */
 }
 
 static void sync_start_snapshot(struct sess *s)
@@ -551,7 +580,7 @@ void sync_idle(struct sess *s)
     struct sync *y = s->sync;
 
     if (y != NULL && y->fetch != NULL && y->fetch->is_waiting)
-        sync_start_refresh(s);
+        sync_begin(s);
 }
 
 bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
@@ -573,7 +602,7 @@ bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_
      * the commands before it, whose FETCH data must reach the client. */
     sess_hold(&s->cli);
     if (s->head == NULL)
-        sync_start_refresh(s);
+        sync_begin(s);
     else
         f->is_waiting = true;
     return true;
@@ -694,7 +723,7 @@ bool sync_search_modseq(struct sess *s, bool is_uid, const char *line, size_t le
     y->fetch = f;
     sess_hold(&s->cli);
     if (s->head == NULL)
-        sync_start_refresh(s);
+        sync_begin(s);
     else
         f->is_waiting = true;
     return true;
@@ -839,7 +868,232 @@ static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t 
 static void sync_fetch_changed(struct sess *s)
 {
     struct sync *y = s->sync;
+    if (y->fetch->is_store) {
+        sync_store_split(s);
+        return;
+    }
     int rc = store_changed(y->mb, y->fetch->since, on_changed, s, &y->req);
     if (rc < 0)
         sync_store_lost(s, rc);
+}
+
+/* ------------------------------------- STORE (UNCHANGEDSINCE n), CS-40 */
+
+/* A conditional STORE first takes the mailbox's STORE lease, so two of
+ * them through any proxies never both pass (CS-46); then refresh. */
+#define STORE_LEASE_TTL  10000
+#define STORE_LEASE_WAIT 5000
+
+static void on_store_lease(void *arg, int err, const struct store_lease_result *res)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+
+    y->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return;
+    }
+    if (!res->is_held) {
+        cmd_local_answer(s, f->tag, f->tag_len,
+                         "NO [INUSE] Another conditional STORE on this mailbox, try again");
+        cs_fetch_free(y);
+        sess_release(&s->up);
+        sess_release(&s->cli);
+        return;
+    }
+    y->store_lease = res->lease;
+    y->has_store_lease = true;
+    sync_start_refresh(s);
+}
+
+static void sync_begin(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    y->fetch->is_waiting = false;
+    if (!y->fetch->is_store) {
+        sync_start_refresh(s);
+        return;
+    }
+    int rc = store_lease_acquire(y->mb, STORE_LEASE_STORE, STORE_LEASE_TTL, STORE_LEASE_WAIT,
+                                 on_store_lease, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
+static void sync_store_unlease(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y->has_store_lease && y->mb != NULL &&
+        store_lease_release(y->mb, &y->store_lease, NULL, NULL, NULL) < 0) {
+        /* it expires on its own (TTL) */
+    }
+    y->has_store_lease = false;
+}
+
+bool sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                               const char *item, size_t item_len, const char *value,
+                               size_t value_len, uint64_t since)
+{
+    struct sync *y = s->sync;
+
+    if (!sync_enriches(s) || y->fetch != NULL || y->store_cmd != NULL)
+        return false;
+    struct cs_fetch *f = xcalloc(1, sizeof(*f));
+    f->is_uid = is_uid;
+    f->is_store = true;
+    f->since = since;
+    f->set = xmemdup(set, set_len);
+    f->item = xmemdup(item, item_len);
+    f->value = xmemdup(value, value_len);
+    f->tag = xmemdup(s->tag, s->tag_len);
+    f->tag_len = s->tag_len;
+    y->fetch = f;
+    sess_hold(&s->cli);
+    if (s->head == NULL)
+        sync_begin(s);
+    else
+        f->is_waiting = true;
+    return true;
+}
+
+/* Format a set of message numbers or UIDs; NULL when empty. */
+static char *set_text(struct seqset *set)
+{
+    char *text = NULL;
+    size_t len;
+    if (seqset_is_empty(set) || seqset_format_alloc(set, &text, &len) < 0)
+        return NULL;
+    return text;
+}
+
+static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t n,
+                             const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+    (void)info;
+
+    y->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return;
+    }
+    /* CS-40: performed when modseq <= n; CS-43: UNCHANGEDSINCE 0 always
+     * fails; a message named twice is one target (CS-44). */
+    struct seqset pass, fail;
+    seqset_init(&pass);
+    seqset_init(&fail);
+    int rc = 0;
+    for (size_t i = 0; rc == 0 && i < n && i < y->n_targets; i++) {
+        uint32_t uid = y->targets[i];
+        uint32_t v = f->is_uid ? uid : msgmap_seq(&y->map, uid);
+        bool ok = f->since != 0 && modseqs[i] != 0 && modseqs[i] <= f->since;
+        rc = seqset_add(ok ? &pass : &fail, v);
+    }
+    char *pass_text = rc == 0 ? set_text(&pass) : NULL;
+    char *fail_text = rc == 0 ? set_text(&fail) : NULL;
+    seqset_fini(&pass);
+    seqset_fini(&fail);
+    free(y->targets);
+    y->targets = NULL;
+    if (rc < 0) {
+        sess_fail(s, rc, "conditional store");
+        return;
+    }
+    if (pass_text == NULL) {
+        if (fail_text != NULL) {
+            size_t tl = strlen(fail_text) + 48;
+            char *text = xmalloc(tl);
+            snprintf(text, tl, "OK [MODIFIED %s] Conditional STORE failed", fail_text);
+            cmd_local_answer(s, f->tag, f->tag_len, text);
+            free(text);
+        } else {
+            cmd_local_answer(s, f->tag, f->tag_len, "OK STORE completed");
+        }
+        free(fail_text);
+        cs_fetch_free(y);
+        sync_store_unlease(s);
+        sess_release(&s->up);
+        sess_release(&s->cli);
+        return;
+    }
+    struct buf line = {0};
+    rc = buf_append(&line, f->is_uid ? " UID STORE " : " STORE ", f->is_uid ? 11 : 7, SIZE_MAX);
+    rc |= buf_append(&line, pass_text, strlen(pass_text), SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, f->item, strlen(f->item), SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, f->value, strlen(f->value), SIZE_MAX);
+    rc |= buf_append(&line, "\r\n", 2, SIZE_MAX);
+    free(pass_text);
+    if (rc != 0) {
+        free(fail_text);
+        buf_fini(&line);
+        sess_fail(s, QR_ENOMEM, "conditional store");
+        return;
+    }
+    y->store_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+    free(y->modified);
+    y->modified = fail_text;
+    buf_fini(&line);
+    cs_fetch_free(y);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+/* The state is fresh and the lease held: look up the addressed messages'
+ * modseqs (`*` resolved against this view). */
+static void sync_store_split(struct sess *s)
+{
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+    struct seqset want;
+    seqset_init(&want);
+    uint32_t max = f->is_uid ? msgmap_uid(&y->map, y->map.n) : y->map.n;
+    int rc = seqset_parse(&want, f->set, strlen(f->set), 0);
+    if (rc == 0)
+        rc = seqset_resolve(&want, max);
+    free(y->targets);
+    y->targets = NULL;
+    y->n_targets = 0;
+    if (rc == 0) {
+        struct seqset_iter it;
+        uint32_t v;
+        seqset_iter_init(&it, &want);
+        y->targets = xcalloc(y->map.n ? y->map.n : 1, sizeof(*y->targets));
+        while (seqset_iter_next(&it, &v) && y->n_targets < y->map.n) {
+            uint32_t uid = f->is_uid ? (msgmap_seq(&y->map, v) ? v : 0) : msgmap_uid(&y->map, v);
+            if (uid != 0)
+                y->targets[y->n_targets++] = uid;
+            if (!f->is_uid && v >= y->map.n)
+                break;
+        }
+    }
+    seqset_fini(&want);
+    if (rc < 0) {
+        cmd_local_answer(s, f->tag, f->tag_len, "BAD Invalid message set");
+        cs_fetch_free(y);
+        sync_store_unlease(s);
+        sess_release(&s->up);
+        sess_release(&s->cli);
+        return;
+    }
+    rc = store_modseqs(y->mb, y->targets, y->n_targets, on_store_modseqs, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
+const char *sync_tagged_code(const struct sess *s, const struct pending *p)
+{
+    const struct sync *y = s->sync;
+    return y != NULL && p != NULL && p == y->store_cmd ? y->modified : NULL;
 }

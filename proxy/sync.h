@@ -105,6 +105,20 @@ bool sync_search_pending(const struct sess *s);
  * (MODSEQ m). Returns false when it is to be relayed as it is. */
 bool sync_search_line(struct sess *s, const char *b, size_t len);
 
+/* STORE/UID STORE set (UNCHANGEDSINCE since) item value (CS-40..CS-46):
+ * under the mailbox's STORE lease, with the state refreshed, the messages
+ * whose modseq is <= since are stored upstream with a plain STORE (item
+ * without .SILENT), the others are named in [MODIFIED] (message numbers
+ * for STORE, UIDs for UID STORE). Returns false when that cannot be done
+ * now. Copies its arguments; holds the client meanwhile. */
+bool sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                               const char *item, size_t item_len, const char *value,
+                               size_t value_len, uint64_t since);
+
+/* The set for a `[MODIFIED set]` code the tagged completion of p must
+ * carry (CS-41), or NULL. */
+const char *sync_tagged_code(const struct sess *s, const struct pending *p);
+
 /* No client command is in flight any more (proxy/cmd.c). */
 void sync_idle(struct sess *s);
 

@@ -503,6 +503,108 @@ def cs60_cs10_search_modseq_bad_value():
         p.stop()
 
 
+def modified(line):
+    m = re.search(rb"\[MODIFIED ([0-9:,]+)\]", line)
+    return m.group(1).decode() if m else None
+
+
+@both
+def cs40_cs41_unchangedsince_stores_unchanged_and_reports_modified(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        d = direct(up)
+        d.cmd("d1", "SELECT INBOX")
+        d.cmd("d2", "STORE 20 +FLAGS (\\Answered)")
+        d.cmd("d3", "LOGOUT")
+        lines = c.cmd("u1", "STORE 20,21 (UNCHANGEDSINCE %d) +FLAGS (Work)" % h)
+        assert lines[-1].startswith(b"u1 OK") and modified(lines[-1]) == "20", lines
+        f = fetch_lines(lines)
+        assert any(l.startswith(b"* 21 FETCH") and modseq_of(l) > h for l in f), lines
+        flags = b" ".join(c.cmd("f", "FETCH 20:21 (FLAGS)"))
+        assert re.search(rb"\* 21 FETCH \(FLAGS \([^)]*Work", flags), flags
+        assert not re.search(rb"\* 20 FETCH \(FLAGS \([^)]*Work", flags), "20 not stored"
+        # UID STORE names UIDs in MODIFIED (CS-41)
+        uid20 = int(re.search(rb"UID (\d+)", fetch_lines(c.cmd("g", "FETCH 20 (UID)"))[0]).group(1))
+        lines = c.cmd("u2", "UID STORE %d (UNCHANGEDSINCE %d) -FLAGS (Work)" % (uid20, h))
+        assert modified(lines[-1]) == str(uid20), lines
+    finally:
+        p.stop()
+
+
+@test
+def cs43_unchangedsince_0_always_fails_and_stores_nothing():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("s", "SELECT INBOX (CONDSTORE)")
+        lines = c.cmd("z", "STORE 22 (UNCHANGEDSINCE 0) +FLAGS.SILENT (Work)")
+        assert lines[-1].startswith(b"z OK") and modified(lines[-1]) == "22", lines
+        flags = b" ".join(c.cmd("f", "FETCH 22 (FLAGS)"))
+        assert b"Work" not in flags, flags
+    finally:
+        p.stop()
+
+
+@test
+def cs44_message_named_twice_does_not_fail_itself():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        h = highest(c.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        lines = c.cmd("t", "STORE 24,23:25 (UNCHANGEDSINCE %d) +FLAGS.SILENT (Work)" % h)
+        assert lines[-1].startswith(b"t OK") and modified(lines[-1]) is None, lines
+        f = fetch_lines(lines)
+        assert sorted(int(l.split()[1]) for l in f) == [23, 24, 25], "X8: one FETCH each"
+        assert all(re.search(rb"UID \d+", l) and modseq_of(l) > h for l in f), f
+    finally:
+        p.stop()
+
+
+@test
+def cs45_cs10_bad_store_modifiers():
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("s", "SELECT INBOX (CONDSTORE)")
+        for tag, cmd in (("b1", "STORE 1 (UNCHANGEDSINCE 1 UNCHANGEDSINCE 2) +FLAGS (x)"),
+                         ("b2", "STORE 1 (FOO 1) +FLAGS (x)"),
+                         ("b3", "STORE 1 (UNCHANGEDSINCE 9223372036854775808) +FLAGS (x)")):
+            lines = c.cmd(tag, cmd)
+            assert lines[-1].startswith(tag.encode() + b" BAD"), (cmd, lines)
+    finally:
+        p.stop()
+
+
+@test
+def cs46_two_proxies_race_exactly_one_conditional_store_wins():
+    """Two qresyncd processes sharing one Redis; two clients store the same
+    message with the same UNCHANGEDSINCE at once: the STORE lease lets
+    exactly one pass (CS-46, CS-13)."""
+    p1, p2 = proxy(), proxy()
+    try:
+        a, b = pb.Client(p1.port), pb.Client(p2.port)
+        a.login()
+        b.login()
+        ha = highest(a.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        hb = highest(b.cmd("s", "SELECT INBOX (CONDSTORE)"))
+        a.send("r STORE 30 (UNCHANGEDSINCE %d) +FLAGS ($Label1)\r\n" % ha)
+        b.send("r STORE 30 (UNCHANGEDSINCE %d) +FLAGS (Work)\r\n" % hb)
+        ra, _ = a.until_tag("r")
+        rb, _ = b.until_tag("r")
+        mods = [modified(ra[-1]), modified(rb[-1])]
+        assert sorted(m or "" for m in mods) == ["", "30"], (ra, rb)
+        assert ra[-1].startswith(b"r OK") and rb[-1].startswith(b"r OK"), (ra, rb)
+    finally:
+        p1.stop()
+        p2.stop()
+
+
 @test
 def cs31_plain_session_store_has_no_modseq():
     p = proxy()
