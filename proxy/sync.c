@@ -62,6 +62,14 @@ struct sync {
     struct store_lease store_lease;
     uint32_t *targets; /* the conditional STORE's messages (UIDs) */
     uint32_t n_targets;
+    /* FETCH lines the refresh's NOOP already delivered, sorted by UID, so
+     * the CHANGEDSINCE answer does not repeat them. */
+    struct sent_line {
+        uint32_t uid;
+        uint64_t modseq;
+    } * sent;
+    size_t n_sent, cap_sent;
+    bool is_sent_sorted;
     bool search_is_uid;
     struct buf search_line; /* the untagged SEARCH waiting for it */
     uint32_t *search_uids;
@@ -145,6 +153,7 @@ void sync_fini(struct sess *s)
     free(y->search_uids);
     free(y->modified);
     free(y->targets);
+    free(y->sent);
     free(y->mailbox);
     free(y);
     s->sync = NULL;
@@ -388,6 +397,7 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     if (p == y->filter_cmd) {
         y->filter_cmd = NULL;
         y->is_filtering = false;
+        y->n_sent = 0;
     }
     if (p == y->search_cmd)
         y->search_cmd = NULL;
@@ -435,6 +445,26 @@ void sync_expunge(struct sess *s, uint32_t seq)
     }
 }
 
+static int sent_cmp(const void *a, const void *b)
+{
+    const struct sent_line *x = a, *y = b;
+    return x->uid < y->uid ? -1 : x->uid > y->uid;
+}
+
+/* Was this (UID, MODSEQ) delivered during the refresh? */
+static bool sync_was_sent(struct sync *y, uint32_t uid, uint64_t modseq)
+{
+    if (y->n_sent == 0)
+        return false;
+    if (!y->is_sent_sorted) {
+        qsort(y->sent, y->n_sent, sizeof(*y->sent), sent_cmp);
+        y->is_sent_sorted = true;
+    }
+    struct sent_line key = {uid, 0};
+    const struct sent_line *hit = bsearch(&key, y->sent, y->n_sent, sizeof(*y->sent), sent_cmp);
+    return hit != NULL && hit->modseq == modseq;
+}
+
 /* Send the held FETCH line with `UID u` (when it had none) and
  * `MODSEQ (m)` before its closing parenthesis (CS-21, CS-22). */
 static void sync_emit_line(struct sess *s, uint64_t modseq)
@@ -445,8 +475,17 @@ static void sync_emit_line(struct sess *s, uint64_t modseq)
 
     while (close > 0 && p[close - 1] != ')')
         close--;
-    if (y->is_filtering && modseq <= y->filter_since) {
-        /* CS-52: only messages changed after the client's modseq. */
+    if (y->noop != NULL) {
+        if (y->n_sent == y->cap_sent) {
+            y->cap_sent = y->cap_sent ? y->cap_sent * 2 : 64;
+            y->sent = xreallocarray(y->sent, y->cap_sent, sizeof(*y->sent));
+        }
+        y->sent[y->n_sent++] = (struct sent_line){y->line_uid, modseq};
+        y->is_sent_sorted = false;
+    }
+    if (y->is_filtering && (modseq <= y->filter_since || sync_was_sent(y, y->line_uid, modseq))) {
+        /* CS-52: only messages changed after the client's modseq, and not
+         * again what the refresh just told the client. */
     } else if (close == 0) {
         sess_send(&s->cli, NULL, p, len); /* no list: as it came */
     } else {
@@ -561,6 +600,7 @@ static void sync_start_refresh(struct sess *s)
     /* Courier sees other sessions' changes only when told to look (a
      * NOOP); its answers reach the client like any unsolicited data, then
      * the snapshot runs. */
+    y->n_sent = 0;
     y->noop = cmd_internal(s, "NOOP");
     sess_flush(s); /* also called from store callbacks, outside any read */
 }
