@@ -27,7 +27,7 @@ Environment (set by run.sh from servers.sh):
   QR_PROXY_ARGS              extra qresyncd arguments (shell words)
 
 Usage: transcripts.py [--proxy BIN | --no-proxy] [--self-check] [--only RE]
-                      [--results FILE] [--list]
+                      [--results FILE] [--list] [--tls]
   --self-check   run each session directly twice and compare (harness check:
                  a session that differs here is not deterministic)
 
@@ -45,6 +45,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -195,6 +196,74 @@ class Conn:
             pass
 
 
+# TLS on both sides (issue 4; tests/integration/tls.sh): with --tls every
+# connection, direct or through the proxy, is TLS verified against the test
+# CA of $QR_PKI (tests/integration/make_pki.sh); the direct upstream is
+# Dovecot's implicit-TLS port, the proxy listens with listen-tls and speaks
+# implicit TLS to that port. The transcripts compared are the plaintext.
+TLS = None  # {"pki": dir, "ctx": ssl.SSLContext} when --tls
+
+
+def tls_setup(pki):
+    global TLS
+    ctx = ssl.create_default_context(cafile=os.path.join(pki, "ca.pem"))
+    ctx.check_hostname = False  # both leaves are the test CA's; names differ
+    TLS = {"pki": pki, "ctx": ctx}
+
+
+class TlsConn(Conn):
+    """Conn over TLS: the handshake blocks, then the same non-blocking
+    reads (plaintext the TLS layer already holds is read before waiting)."""
+
+    def __init__(self, name, port):
+        self.name = name
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock = TLS["ctx"].wrap_socket(raw)
+        self.sock.setblocking(False)
+        self.buf = bytearray()
+        self.pos = 0
+        self.eof = False
+
+    def send(self, data, timeout=30.0):
+        view = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout("send of %d bytes" % len(data))
+            select.select([], [self.sock], [], left)
+            try:
+                n = self.sock.send(view[:262144])
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                continue
+            view = view[n:]
+
+    def fill(self, deadline):
+        if self.eof:
+            raise Eof()
+        if self.sock.pending() == 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout()
+            r, _, _ = select.select([self.sock], [], [], left)
+            if not r:
+                raise Timeout()
+        try:
+            data = self.sock.recv(1 << 20)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (ConnectionResetError, ssl.SSLError):
+            data = b""
+        if not data:
+            self.eof = True
+            raise Eof()
+        self.buf += data
+
+
+def new_conn(name, port):
+    return TlsConn(name, port) if TLS else Conn(name, port)
+
+
 # --------------------------------------------------------------------------
 # Scripts
 
@@ -325,7 +394,7 @@ class Server:
 
 def probe_caps(srv):
     """Capabilities before and after login (not recorded; decides steps)."""
-    c = Conn("probe", srv.port)
+    c = new_conn("probe", srv.port)
     dl = time.monotonic() + 10
     try:
         def caps_of(lines):
@@ -1086,7 +1155,7 @@ class Runner:
         c = st.get("c")
         if k == "connect":
             port = self.srv.port if st["direct"] else self.port
-            conn = Conn(c, port)
+            conn = new_conn(c, port)
             self.conns[c] = conn
             try:
                 self.rec(c, "S", conn.next_line(time.monotonic() + STEP_TIMEOUT), "greeting")
@@ -1456,6 +1525,12 @@ class Proxy:
         self.log = os.path.join(self.logdir, "%s.log" % label)
         args = [self.binary, "--listen", "127.0.0.1:%d" % port,
                 "--upstream", "127.0.0.1:%d" % srv.port, "--log-level", "debug"]
+        if TLS:
+            k = TLS["pki"]
+            args[1] = "--listen-tls"
+            args += ["--tls-cert", os.path.join(k, "proxy.pem"),
+                     "--tls-key", os.path.join(k, "proxy.key"), "--upstream-tls", "implicit",
+                     "--upstream-ca", os.path.join(k, "ca.pem"), "--upstream-name", "localhost"]
         if self.redis_port:
             args += ["--redis", "redis://127.0.0.1:%d" % self.redis_port]
         args += shlex.split(os.environ.get("QR_PROXY_ARGS", ""))
@@ -1538,6 +1613,8 @@ def servers_from_env():
     out = []
     for name in ("dovecot", "courier"):
         port = os.environ.get(name.upper() + "_PORT")
+        if TLS:  # only Dovecot is started with TLS (servers.sh)
+            port = os.environ.get(name.upper() + "_TLS_PORT")
         if port:
             out.append(Server(name, int(port), os.environ[name.upper() + "_MAILDIR"],
                               int(os.environ[name.upper() + "_PID"])))
@@ -1578,6 +1655,8 @@ def main():
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--proxy", help="qresyncd binary")
     g.add_argument("--no-proxy", action="store_true")
+    ap.add_argument("--tls", action="store_true",
+                    help="every connection over TLS (PKI in $QR_PKI; Dovecot's DOVECOT_TLS_PORT)")
     ap.add_argument("--self-check", action="store_true")
     ap.add_argument("--only", default="")
     ap.add_argument("--results")
@@ -1585,6 +1664,8 @@ def main():
     ap.add_argument("--budget", type=float, default=float(os.environ.get("QR_TIME_BUDGET", "200")))
     args = ap.parse_args()
 
+    if args.tls:
+        tls_setup(os.environ["QR_PKI"])
     if args.list:
         for n in CORPUS:
             print(n)
