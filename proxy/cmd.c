@@ -728,6 +728,22 @@ static bool cmd_tls(struct sess *s, bool ended_in_literal)
     return false;
 }
 
+/* A FETCH, SEARCH or STORE (UID or not) that asks about mod-sequences. */
+static bool cmd_needs_tracking(struct sess *s, const char *b, size_t len)
+{
+    bool is_cmd = strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "SEARCH") == 0 ||
+                  strcmp(s->name, "STORE") == 0 || strcmp(s->name, "UID") == 0;
+    if (!is_cmd || !s->is_logged_in)
+        return false;
+    for (size_t i = s->cli.tag_end; i + 6 <= len; i++) {
+        if (strncasecmp(b + i, "MODSEQ", 6) == 0 || strncasecmp(b + i, "CHANGEDSINCE", 12) == 0)
+            return true;
+        if (i + 14 <= len && strncasecmp(b + i, "UNCHANGEDSINCE", 14) == 0)
+            return true;
+    }
+    return false;
+}
+
 /* The first segment of a client command: give it the proxy's tag and send
  * it upstream, or answer it here. */
 static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
@@ -751,6 +767,16 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
 
     if (s->offers_condstore && strcmp(s->name, "ENABLE") == 0) {
         cmd_enable(s, ended_in_literal);
+        return;
+    }
+    if (s->offers_condstore && !sync_enriches(s) && cmd_needs_tracking(s, b, len)) {
+        /* CS-23 (the first enabling command on a mailbox selected without
+         * CONDSTORE) is not built yet: refused rather than passed to an
+         * upstream whose answer would carry no (or foreign) modseqs. */
+        cmd_refuse(s,
+                   "NO [UNAVAILABLE] Select the mailbox with CONDSTORE (or after ENABLE "
+                   "CONDSTORE) to use mod-sequences",
+                   ended_in_literal);
         return;
     }
     if (sync_enriches(s) && (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "UID") == 0) &&

@@ -606,6 +606,23 @@ def cs46_two_proxies_race_exactly_one_conditional_store_wins():
 
 
 @test
+def cs23_not_built_yet_is_refused_not_passed_upstream():
+    """The first enabling command on a mailbox selected without CONDSTORE
+    (CS-23) is not built: the proxy refuses it rather than letting the
+    upstream answer without (or with foreign) modseqs."""
+    p = proxy()
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        c.cmd("s", "SELECT INBOX")
+        lines = c.cmd("f", "FETCH 1 (MODSEQ)")
+        assert lines[-1].startswith(b"f NO"), lines
+        assert not any(b"MODSEQ (" in l for l in lines), lines
+    finally:
+        p.stop()
+
+
+@test
 def cs31_plain_session_store_has_no_modseq():
     p = proxy()
     try:
