@@ -250,7 +250,7 @@ void sess_release(struct side *sd)
         side_feed(sd, c, c->data + sd->held_off, sd->held_len);
         buf_chunk_unref(&s->ctx->pool, &c);
     }
-    sess_tls_resume(s); /* records decrypted before the hold may wait */
+    sess_tls_resume(sd); /* records decrypted before the hold may wait */
     if (s->is_closing)
         return;
     side_flush(&s->cli);
@@ -360,7 +360,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *b)
         else
             sess_input(sd, c, p, (size_t)nread);
     }
-    sess_tls_resume(s); /* the other side may have waited for this one */
+    sess_tls_resume(sess_other_side(sd)); /* it may have waited for this side */
     if (s->is_closing)
         return;
     side_flush(&s->cli);
@@ -649,7 +649,7 @@ static void on_up_connect(uv_connect_t *req, int status)
     s->last_active = uv_now(s->ctx->loop);
     sess_arm_timer(s, sess_timeout_ms(s));
     sess_tls_up_connected(s);
-    sess_tls_resume(s); /* a client that spoke before the upstream was ready */
+    sess_tls_resume(&s->cli); /* a client that spoke before the upstream was ready */
     if (s->is_closing)
         return;
     side_flush(&s->up);

@@ -314,15 +314,10 @@ void sess_tls_discard(struct side *sd, size_t n, const char *why)
     log_end(&l);
 }
 
-void sess_tls_resume(struct sess *s)
+void sess_tls_resume(struct side *sd)
 {
-    struct side *sides[2] = {&s->up, &s->cli};
-
-    for (int i = 0; i < 2 && !s->is_closing; i++) {
-        struct side *sd = sides[i];
-        if (sd->tls != NULL && may_read(sd) && tls_has_pending(sd->tls))
-            sess_tls_pump(sd);
-    }
+    if (sd->tls != NULL && may_read(sd) && tls_has_pending(sd->tls))
+        sess_tls_pump(sd);
 }
 
 void sess_tls_drain(struct sess *s)

@@ -97,9 +97,10 @@ void sess_tls_discard(struct side *sd, size_t n, const char *why);
  * sess_input() and the rest of p is the caller's to feed. */
 size_t sess_tls_up_opening(struct sess *s, const char *p, size_t n);
 
-/* Decrypt what waits in either side's engine where the side may take
- * input again (the upstream became ready, a hold was released). */
-void sess_tls_resume(struct sess *s);
+/* Decrypt what waits in sd's engine if sd may take input again (the
+ * upstream became ready, a hold was released). Never from inside sd's own
+ * processing: it feeds sd's stage synchronously. */
+void sess_tls_resume(struct side *sd);
 
 /* Send close_notify on each side whose handshake has ended (drain). */
 void sess_tls_drain(struct sess *s);

@@ -733,6 +733,44 @@ def p4_upstream_direction_injection_after_starttls_ok_is_discarded():
 
 
 @test
+def p2_client_commands_wait_until_the_upstream_tls_is_up():
+    """A TLS client that sends commands before its greeting: they wait (in
+    the client's engine) until the upstream's STARTTLS opening is done, and
+    then run in order; nothing reaches the upstream in plaintext."""
+    seen = []
+
+    def script(fake, conn):
+        time.sleep(0.5)  # the client's commands arrive before this greeting
+        conn.sendall(b"* OK fake ready\r\n")
+        line, rest = read_line(conn, b"")
+        seen.append(line)
+        conn.sendall(b"Q0 OK go\r\n")
+        tls = server_ctx().wrap_socket(conn, server_side=True)
+        while True:
+            line, rest = read_line(tls, rest)
+            seen.append(line)
+            tag = line.split(b" ", 1)[0]
+            tls.sendall(tag + b" OK fake " + line.split(b" ")[1] + b"\r\n")
+            if b"LOGOUT" in line:
+                return
+    fake = FakeUpstream(script)
+    p = Proxy(upstream=upstream_tls("starttls", port=fake.port))
+    try:
+        c = Client(p.port, tls=True, greeting=False)
+        c.send("a NOOP\r\nb CHECK\r\nc LOGOUT\r\n")
+        assert c.line() == b"* OK fake ready"
+        assert c.line() == b"a OK fake NOOP"
+        assert c.line() == b"b OK fake CHECK"
+        assert c.line() == b"c OK fake LOGOUT"
+        assert seen == [b"Q0 STARTTLS", b"Q1 NOOP", b"Q2 CHECK", b"Q3 LOGOUT"], seen
+        c.close()
+    finally:
+        p.stop()
+        fake.close()
+    assert not fake.errors, fake.errors
+
+
+@test
 def p2_upstream_starttls_refused_or_preauth_ends_the_session():
     def refuse(fake, conn):
         conn.sendall(b"* OK fake ready\r\n")
