@@ -7,7 +7,7 @@
  * grouped in chunks of PACK_CHUNK_UIDS consecutive UIDs; chunk i holds UIDs
  * i*256 .. i*256+255 and is one field "c:<i>" of the state hash:
  *
- *   u8   n_ms                      number of distinct modseqs, 1..PACK_MS_MAX
+ *   u8   n_ms                      number of modseqs, 1..PACK_MS_MAX
  *   n_ms x u56 big-endian          the chunk's modseq table
  *   n x { u8 off, u16 fid, u8 msi } one per stored UID, ascending off;
  *                                  uid = i*256 + off, fid = flag set id in
@@ -15,11 +15,17 @@
  *                                  index into the modseq table
  *
  * So a message costs 4 bytes plus its share of the table (all changes of one
- * observation share one modseq, so tables are short). When a chunk would
- * need more than PACK_MS_MAX distinct modseqs, the script raises the lowest
- * ones to the next kept value: a message may then report a modseq higher
- * than its last change, which RFC 7162 allows (a client refetches flags it
- * already has); it never reports a lower one.
+ * observation share one modseq, so tables are short). The script's fast
+ * path (flag changes only) appends the observation's modseq to the table
+ * and rewrites only the changed records, so the table may also hold values
+ * no record uses any more (each one lower than some value a record uses,
+ * so "any modseq > M in the table" still means "some record > M" for the
+ * chunk's part of a query). When the table is full, the slow path rebuilds
+ * it from the values in use; when a chunk would need more than PACK_MS_MAX
+ * of those, the script raises the lowest ones to the next kept value: a
+ * message may then report a modseq higher than its last change, which RFC
+ * 7162 allows (a client refetches flags it already has); it never reports a
+ * lower one.
  *
  * The expunge history is a string of 11-byte records { u32 uid, u56 modseq }
  * in ascending modseq order.

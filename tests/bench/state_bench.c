@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "state/clock.h"
+#include "state/pack.h"
 #include "state/store.h"
 #include "tests/integration/state/it.h"
 #include "tests/integration/state/store_it.h"
@@ -23,6 +24,21 @@ static int bench_u64_cmp(const void *a, const void *b)
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
 
     return x < y ? -1 : x > y;
+}
+
+/* Redis-side time of every EVALSHA so far (INFO commandstats), in µs. */
+static long long bench_script_us(int port)
+{
+    redisReply *r = it_cmd(port, "INFO commandstats");
+    const char *p =
+        r != NULL && r->type == REDIS_REPLY_STRING ? strstr(r->str, "cmdstat_evalsha:") : NULL;
+    long long calls = 0, us = 0;
+
+    if (p != NULL && sscanf(p, "cmdstat_evalsha:calls=%lld,usec=%lld", &calls, &us) != 2)
+        us = 0;
+    if (r != NULL)
+        freeReplyObject(r);
+    return us;
 }
 
 static long long bench_mem(int port, const char *key)
@@ -47,6 +63,7 @@ int main(int argc, char **argv)
     uint32_t n = argc > 2 ? (uint32_t)atoi(argv[2]) : 100000;
     enum { RUNS = 9 };
     uint64_t t[RUNS], t_fresh, t_noop[RUNS], t_one[RUNS], t_info[RUNS];
+    uint64_t t_pack[RUNS], t_lua[RUNS], t_lua_noop[RUNS];
     long long mem_s, mem_x;
 
     if (argc < 2) {
@@ -76,6 +93,7 @@ int main(int argc, char **argv)
 
     for (int r = 0; r < RUNS; r++) {
         uint64_t t0;
+        long long lua0;
 
         /* 1% of the messages get other flags. */
         for (uint32_t k = 0; k < n / 100; k++) {
@@ -87,14 +105,29 @@ int main(int argc, char **argv)
             o[i].flags = f;
             o[i].flags_len = strlen(f);
         }
+        {
+            /* Where the time goes: the proxy's packing alone, and the
+             * script's run inside Redis; the rest is transfer and decoding. */
+            struct pack_obs po;
+
+            t0 = clock_now_us();
+            if (pack_observation(o, n, true, &po) != 0)
+                return 1;
+            t_pack[r] = clock_now_us() - t0;
+            pack_obs_fini(&po);
+        }
+        lua0 = bench_script_us(srv.port);
         t0 = clock_now_us();
         if (it_observe(mb, o, n, true, &res) != 0 || res.n_changed == 0)
             return 1;
         t[r] = clock_now_us() - t0;
+        t_lua[r] = (uint64_t)(bench_script_us(srv.port) - lua0);
+        lua0 = bench_script_us(srv.port);
         t0 = clock_now_us();
         if (it_observe(mb, o, n, true, &res) != 0 || res.modseq != 0)
             return 1;
         t_noop[r] = clock_now_us() - t0;
+        t_lua_noop[r] = (uint64_t)(bench_script_us(srv.port) - lua0);
     }
     for (int r = 0; r < RUNS; r++) {
         struct store_obs one = {.uid = (uint32_t)rand() % n + 1,
@@ -118,6 +151,9 @@ int main(int argc, char **argv)
         t_info[r] = clock_now_us() - t0;
     }
     qsort(t_info, RUNS, sizeof(t[0]), bench_u64_cmp);
+    qsort(t_pack, RUNS, sizeof(t[0]), bench_u64_cmp);
+    qsort(t_lua, RUNS, sizeof(t[0]), bench_u64_cmp);
+    qsort(t_lua_noop, RUNS, sizeof(t[0]), bench_u64_cmp);
     qsort(t, RUNS, sizeof(t[0]), bench_u64_cmp);
     qsort(t_noop, RUNS, sizeof(t[0]), bench_u64_cmp);
     qsort(t_one, RUNS, sizeof(t[0]), bench_u64_cmp);
@@ -128,7 +164,10 @@ int main(int argc, char **argv)
     printf("  first snapshot (all new):          %8.1f ms\n", (double)t_fresh / 1000);
     printf("  snapshot, 1%% changed (median/%d):  %8.1f ms  (min %.1f, max %.1f)\n", RUNS,
            (double)t[RUNS / 2] / 1000, (double)t[0] / 1000, (double)t[RUNS - 1] / 1000);
+    printf("    of which packing %.1f ms, script in Redis %.1f ms (medians)\n",
+           (double)t_pack[RUNS / 2] / 1000, (double)t_lua[RUNS / 2] / 1000);
     printf("  snapshot, nothing changed (median): %8.1f ms\n", (double)t_noop[RUNS / 2] / 1000);
+    printf("    of which script in Redis %.1f ms\n", (double)t_lua_noop[RUNS / 2] / 1000);
     printf("  one-message observation:           %8llu round trip(s), median %.2f ms\n",
            (unsigned long long)(s1.commands - s0.commands), (double)t_one[RUNS / 2] / 1000);
     printf("  store_info (HIGHESTMODSEQ):         %8.2f ms median\n",

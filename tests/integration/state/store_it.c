@@ -843,6 +843,162 @@ static bool t_since(void)
     return true;
 }
 
+/* The snapshot diff against a model, over enough rounds that every chunk's
+ * modseq table fills up and is compacted (pack.h), with the script's fast
+ * path (flag changes only) and slow path (new UIDs, expunges, a flag set
+ * that disappears, partial observations) mixed (DESIGN inv. 1, 3). After
+ * each round, the changes since the previous HIGHESTMODSEQ are exactly the
+ * model's, with this round's modseq; every few rounds the whole state
+ * equals the model, and no message reports a modseq below its last
+ * change. */
+#define MODEL_MAX 3400
+
+static const char *model_sets[] = {"",      "\\Seen",    "$Junk \\Seen", "\\Answered \\Seen",
+                                   "$Work", "\\Flagged", "$Rare",        "$A $B $C"};
+
+static bool t_snapshot_model(void)
+{
+    struct store *st = it_store(url, 5000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    static int fl[MODEL_MAX + 1];        /* flag set index, -1: not in the mailbox */
+    static uint64_t last[MODEL_MAX + 1]; /* modseq of the last change */
+    static bool chg[MODEL_MAX + 1];
+    struct store_obs *o = calloc(MODEL_MAX, sizeof(*o));
+    uint32_t top = 3000;
+    uint64_t prev = 0;
+
+    IT_CHECK(store_mbox_new(st, "model", 5, "INBOX", 5, 1, &mb) == 0, "mbox");
+    srand(42);
+    for (uint32_t u = 1; u <= MODEL_MAX; u++)
+        fl[u] = u <= top ? (int)(u % 4) : -1;
+    for (int round = 0; round < 60; round++) {
+        uint32_t want_chg = 0, want_new = 0, want_gone = 0;
+        bool partial = round > 0 && round % 7 == 3;
+        size_t n = 0;
+        struct it_msg *msgs;
+        size_t nm, k = 0;
+
+        memset(chg, 0, sizeof(chg));
+        if (round > 0) {
+            for (int i = 0; i < 30; i++) { /* flag changes */
+                uint32_t u = 1 + (uint32_t)rand() % top;
+                int f = rand() % 6;
+
+                if (fl[u] >= 0 && fl[u] != f && !chg[u]) {
+                    fl[u] = f;
+                    chg[u] = true;
+                    want_chg++;
+                }
+            }
+            if (!partial && round % 5 == 1) { /* expunges */
+                for (int i = 0; i < 4; i++) {
+                    uint32_t u = 1 + (uint32_t)rand() % top;
+
+                    if (fl[u] >= 0 && !chg[u]) {
+                        fl[u] = -1;
+                        want_gone++;
+                    }
+                }
+            }
+            if (round % 6 == 2 && top + 20 <= MODEL_MAX) { /* new mail */
+                for (uint32_t u = top + 1; u <= top + 20; u++) {
+                    fl[u] = 1;
+                    chg[u] = true;
+                    want_new++;
+                }
+                top += 20;
+            }
+            if (round == 40 && top + 1 <= MODEL_MAX) {
+                /* One UID of the last chunk expunged and one new in it: the
+                 * same count, other UIDs (the slow path's work). */
+                for (uint32_t u = top; u > top / 256 * 256; u--)
+                    if (fl[u] >= 0 && !chg[u] && (top + 1) / 256 == u / 256) {
+                        fl[u] = -1;
+                        want_gone++;
+                        break;
+                    }
+                fl[top + 1] = fl[top] >= 0 ? fl[top] : 0;
+                chg[top + 1] = true;
+                want_new++;
+                top++;
+            }
+            if (round == 20) /* a rare flag set appears, then disappears */
+                for (uint32_t u = 5; u < 3000; u += 400)
+                    if (fl[u] >= 0 && !chg[u]) {
+                        fl[u] = 6;
+                        chg[u] = true;
+                        want_chg++;
+                    }
+            if (round == 21)
+                for (uint32_t u = 5; u < 3000; u += 400)
+                    if (fl[u] == 6 && !chg[u]) {
+                        fl[u] = 7;
+                        chg[u] = true;
+                        want_chg++;
+                    }
+        }
+        for (uint32_t u = 1; u <= top; u++) {
+            if (fl[u] < 0 || (partial && !chg[u]))
+                continue;
+            o[n].uid = u;
+            o[n].flags = model_sets[fl[u]];
+            o[n].flags_len = strlen(o[n].flags);
+            o[n].is_gone = false;
+            n++;
+        }
+        IT_CHECK(it_observe(mb, o, n, !partial, &res) == 0, "round %d", round);
+        if (round == 0) {
+            IT_CHECK(res.n_new == top, "initial");
+            for (uint32_t u = 1; u <= top; u++)
+                last[u] = res.modseq;
+            prev = res.highest;
+            continue;
+        }
+        IT_CHECK(res.n_changed == want_chg && res.n_new == want_new && res.n_gone == want_gone,
+                 "round %d: changed %u/%u new %u/%u gone %u/%u", round, res.n_changed, want_chg,
+                 res.n_new, want_new, res.n_gone, want_gone);
+        IT_CHECK(res.modseq > prev && res.highest == res.modseq, "round %d: modseq", round);
+        IT_CHECK(it_changed(mb, prev, &msgs, &nm, NULL) == 0, "changed since");
+        for (uint32_t u = 1; u <= top; u++) {
+            if (!chg[u])
+                continue;
+            IT_CHECK(k < nm && msgs[k].uid == u && msgs[k].modseq == res.modseq &&
+                         strcmp(msgs[k].flags, model_sets[fl[u]]) == 0,
+                     "round %d: uid %u: got uid %u flags '%s'", round, u, k < nm ? msgs[k].uid : 0,
+                     k < nm ? msgs[k].flags : "");
+            last[u] = res.modseq;
+            k++;
+        }
+        IT_CHECK(k == nm, "round %d: %zu changes reported, %zu made", round, nm, k);
+        free(msgs);
+        prev = res.highest;
+        if (round % 10 == 9 || round == 59) {
+            IT_CHECK(it_changed(mb, 0, &msgs, &nm, NULL) == 0, "all");
+            k = 0;
+            for (uint32_t u = 1; u <= top; u++) {
+                if (fl[u] < 0)
+                    continue;
+                IT_CHECK(k < nm && msgs[k].uid == u &&
+                             strcmp(msgs[k].flags, model_sets[fl[u]]) == 0,
+                         "round %d: state of uid %u", round, u);
+                IT_CHECK(msgs[k].modseq >= last[u] && msgs[k].modseq <= prev,
+                         "round %d: uid %u modseq %llu, last change %llu", round, u,
+                         (unsigned long long)msgs[k].modseq, (unsigned long long)last[u]);
+                k++;
+            }
+            IT_CHECK(k == nm, "round %d: %zu stored, model %zu", round, nm, k);
+            free(msgs);
+        }
+    }
+    /* The same snapshot again: a no-op (inv. 3). */
+    IT_CHECK(it_observe(mb, o, 0, false, &res) == 0 && res.modseq == 0, "empty partial");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
 /* Issue 3: no blocking call on the loop. A host name is looked up on
  * libuv's threadpool (never by hiredis on the loop thread: gai_hook.c
  * counts), again on each reconnect; an IP literal is never looked up. */
@@ -957,6 +1113,7 @@ static const struct it_test tests[] = {
     {"auth_wrong_password", t_wrong_password},
     {"observe_one", t_observe_one},
     {"since", t_since},
+    {"inv3_snapshot_model", t_snapshot_model},
     {"dns_name_off_loop", t_dns_name},
     {"inv6_dns_slow", t_dns_slow},
 };
