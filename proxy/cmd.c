@@ -686,7 +686,7 @@ static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_
         from = to = len;
     struct pending *p =
         cmd_send(s, CMD_SELECT, c, b + sd->tag_end, from - sd->tag_end, b + to, len - to);
-    sync_select_sent(s, p, s->arg_mbox, s->arg_mbox_len);
+    sync_select_sent(s, p, s->arg_mbox, s->arg_mbox_len, false);
 }
 
 /* What TLS decides of a command before it may go upstream (proxy/sess_tls.h):
@@ -765,14 +765,22 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         return;
     }
 
+    if (s->offers_condstore && sync_can_upgrade(s) && !ended_in_literal &&
+        (cmd_needs_tracking(s, b, len) ||
+         (strcmp(s->name, "ENABLE") == 0 && s->en_condstore && !s->is_condstore))) {
+        /* CS-23, EN-06: snapshot now, announce HIGHESTMODSEQ, then run it. */
+        sync_upgrade(s, b, len, strcmp(s->name, "ENABLE") == 0);
+        s->cur_started = true;
+        return;
+    }
     if (s->offers_condstore && strcmp(s->name, "ENABLE") == 0) {
         cmd_enable(s, ended_in_literal);
         return;
     }
     if (s->offers_condstore && !sync_enriches(s) && cmd_needs_tracking(s, b, len)) {
-        /* CS-23 (the first enabling command on a mailbox selected without
-         * CONDSTORE) is not built yet: refused rather than passed to an
-         * upstream whose answer would carry no (or foreign) modseqs. */
+        /* No tracked selection to upgrade (none, or one the proxy cannot
+         * key, CS-32): refused rather than passed to an upstream whose
+         * answer would carry no (or foreign) modseqs. */
         cmd_refuse(s,
                    "NO [UNAVAILABLE] Select the mailbox with CONDSTORE (or after ENABLE "
                    "CONDSTORE) to use mod-sequences",
@@ -810,6 +818,9 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         sess_fail(s, rc, "queue");
         return;
     }
+    if (s->offers_condstore && s->is_logged_in &&
+        (strcmp(s->name, "SELECT") == 0 || strcmp(s->name, "EXAMINE") == 0))
+        sync_select_sent(s, p, s->arg_mbox, s->arg_mbox_len, true); /* watched: CS-23 */
     if (log_on(LOG_DEBUG)) {
         struct log_line l;
         log_begin(&l, LOG_DEBUG, "command");
@@ -819,6 +830,21 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         log_u64(&l, "up_tag", p->up_tag);
         log_end(&l);
     }
+}
+
+void cmd_replay(struct sess *s, const char *line, size_t len, unsigned ntok, size_t tag_end)
+{
+    struct side *sd = &s->cli;
+
+    sd->ntok = ntok;
+    sd->tag_end = tag_end;
+    s->cur_started = false;
+    s->cur = NULL;
+    cmd_begin(s, NULL, line, len, false);
+    sd->ntok = 0;
+    sd->is_discarding = false;
+    s->cur_started = false;
+    s->cur = NULL;
 }
 
 /* A complete segment of a client line, b[0..len), ending at its CRLF

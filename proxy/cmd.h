@@ -43,6 +43,11 @@ struct pending *cmd_send_line(struct sess *s, const char *tag, size_t tag_len, c
 /* Answer a client command here ("tag text"), in FIFO order. */
 void cmd_local_answer(struct sess *s, const char *tag, size_t tag_len, const char *text);
 
+/* Run a whole command line[0..len) that was put aside (CS-23) as if it
+ * had just been read: its tag and name are still the session's current
+ * ones (the client was held meanwhile); ntok and tag_end as they were. */
+void cmd_replay(struct sess *s, const char *line, size_t len, unsigned ntok, size_t tag_end);
+
 /* Free the whole FIFO (session teardown). */
 void cmd_pending_free_all(struct sess *s);
 

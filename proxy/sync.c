@@ -17,6 +17,7 @@ enum sel_phase {
     SEL_SNAPSHOT, /* internal UID FETCH 1:* in flight */
     SEL_OBSERVE,  /* snapshot handed to the store */
     SEL_DONE,     /* selected, HIGHESTMODSEQ announced */
+    SEL_PLAIN,    /* selected without CONDSTORE: tracked for CS-23 */
 };
 
 /* One snapshot's collected data: UIDs and flag strings. */
@@ -54,7 +55,15 @@ struct sync {
     bool is_filtering;      /* lines not newer than filter_since are dropped */
     uint64_t filter_since;
     struct pending *filter_cmd;
-    struct pending *noop;       /* the refresh's NOOP */
+    struct pending *noop; /* the refresh's NOOP */
+    bool is_plain;        /* the selection was not a CONDSTORE one */
+    char *upgrade;        /* CS-23: the enabling command waiting, whole */
+    size_t upgrade_len;
+    unsigned upgrade_ntok;
+    size_t upgrade_tag_end;
+    bool is_upgrade_enable;
+    bool is_upgrade_waiting;
+    bool is_upgrading;
     struct pending *search_cmd; /* a SEARCH whose results get (MODSEQ m) */
     struct pending *store_cmd;  /* a conditional STORE's pass set upstream */
     char *modified;             /* its [MODIFIED] set, or NULL */
@@ -103,6 +112,8 @@ struct cs_fetch {
 };
 
 static void sync_fetch_changed(struct sess *s);
+static void sync_upgrade_done(struct sess *s, uint64_t highest);
+static void sync_upgrade_start(struct sess *s);
 static void cs_fetch_free(struct sync *y);
 static void sync_start_snapshot(struct sess *s);
 static void sync_fetch_send(struct sess *s, const char *subset);
@@ -155,11 +166,13 @@ void sync_fini(struct sess *s)
     free(y->targets);
     free(y->sent);
     free(y->mailbox);
+    free(y->upgrade);
     free(y);
     s->sync = NULL;
 }
 
-void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len)
+void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len,
+                      bool is_plain)
 {
     struct sync *y = s->sync;
 
@@ -179,8 +192,11 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
     msgmap_clear(&y->map);
     snap_reset(&y->snap);
     buf_clear(&y->tagged, 4096);
-    /* Nothing the client sent after this command runs before it is done. */
-    sess_hold(&s->cli);
+    y->is_plain = is_plain;
+    /* Nothing the client sent after a CONDSTORE selection runs before it is
+     * done; a plain one is only watched (CS-23). */
+    if (!is_plain)
+        sess_hold(&s->cli);
 }
 
 bool sync_swallows_fetch(const struct sess *s)
@@ -234,7 +250,8 @@ void sync_uidvalidity(struct sess *s, uint32_t v)
 
 bool sync_holds_tagged(const struct sess *s, const struct pending *p)
 {
-    return s->sync != NULL && s->sync->select == p && s->sync->phase == SEL_SENT;
+    return s->sync != NULL && s->sync->select == p && s->sync->phase == SEL_SENT &&
+           !s->sync->is_plain;
 }
 
 void sync_keep_tagged(struct sess *s, const char *line, size_t len)
@@ -265,6 +282,13 @@ static void sync_finish_select(struct sess *s, const char *code)
 
 static void sync_nomodseq(struct sess *s, const char *why)
 {
+    if (s->sync->is_upgrading) {
+        /* CS-32: the mailbox stays without mod-sequences; the command is
+         * then refused (proxy/cmd.c). */
+        s->sync->phase = SEL_NONE;
+        sync_upgrade_done(s, 0);
+        return;
+    }
     struct log_line l;
     log_begin(&l, LOG_INFO, "condstore.nomodseq");
     log_hex(&l, "sid", s->id);
@@ -301,6 +325,10 @@ static void on_observed(void *arg, int err, const struct store_result *res)
     }
     y->phase = SEL_DONE;
     y->highest = res->highest;
+    if (y->is_upgrading) {
+        sync_upgrade_done(s, res->highest);
+        return;
+    }
     char code[64];
     /* X2: HIGHESTMODSEQ is never 0; the store's clock guarantees it. */
     snprintf(code, sizeof(code), "[HIGHESTMODSEQ %llu] Highest", (unsigned long long)res->highest);
@@ -356,6 +384,11 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
 
     if (y == NULL)
         return;
+    if (p == y->select && y->phase == SEL_SENT && y->is_plain) {
+        y->select = NULL;
+        y->phase = is_ok ? SEL_PLAIN : SEL_NONE;
+        return;
+    }
     if (p == y->select && y->phase == SEL_SENT) {
         if (!is_ok) {
             y->phase = SEL_NONE;
@@ -420,7 +453,8 @@ bool sync_enriches(const struct sess *s)
 void sync_fetch_uid(struct sess *s, uint32_t seq, uint32_t uid)
 {
     struct sync *y = s->sync;
-    if (y != NULL && y->phase == SEL_DONE && uid != 0 && msgmap_set(&y->map, seq, uid) < 0) {
+    if (y != NULL && (y->phase == SEL_DONE || y->phase == SEL_PLAIN) && uid != 0 &&
+        msgmap_set(&y->map, seq, uid) < 0) {
         /* A contradiction keeps the old view; worth knowing about. */
         struct log_line l;
         log_begin(&l, LOG_WARN, "condstore.map_mismatch");
@@ -621,6 +655,8 @@ void sync_idle(struct sess *s)
 
     if (y != NULL && y->fetch != NULL && y->fetch->is_waiting)
         sync_begin(s);
+    else if (y != NULL && y->upgrade != NULL && y->is_upgrade_waiting)
+        sync_upgrade_start(s);
 }
 
 bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
@@ -1136,4 +1172,82 @@ const char *sync_tagged_code(const struct sess *s, const struct pending *p)
 {
     const struct sync *y = s->sync;
     return y != NULL && p != NULL && p == y->store_cmd ? y->modified : NULL;
+}
+
+/* ------------------ CS-23: the first enabling command on a plain selection */
+
+bool sync_can_upgrade(const struct sess *s)
+{
+    return s->sync != NULL && s->sync->phase == SEL_PLAIN && s->sync->upgrade == NULL &&
+           s->sync->fetch == NULL;
+}
+
+void sync_upgrade(struct sess *s, const char *line, size_t len, bool is_enable)
+{
+    struct sync *y = s->sync;
+
+    y->upgrade = xmemdup(line, len);
+    y->upgrade_len = len;
+    y->upgrade_ntok = s->cli.ntok;
+    y->upgrade_tag_end = s->cli.tag_end;
+    y->is_upgrade_enable = is_enable;
+    sess_hold(&s->cli);
+    if (s->head == NULL)
+        sync_upgrade_start(s);
+    else
+        y->is_upgrade_waiting = true;
+}
+
+/* The snapshot a CONDSTORE selection would have taken, now. */
+static void sync_upgrade_start(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    y->is_upgrade_waiting = false;
+    y->is_upgrading = true;
+    if (s->user == NULL || y->mailbox == NULL || y->uidvalidity == 0 ||
+        store_mbox_new(s->ctx->store, s->user, strlen(s->user), y->mailbox, y->mailbox_len,
+                       y->uidvalidity, &y->mb) < 0) {
+        y->phase = SEL_NONE;
+        sync_upgrade_done(s, 0);
+        return;
+    }
+    y->phase = SEL_SNAPSHOT;
+    y->is_for_fetch = false;
+    snap_reset(&y->snap);
+    if (y->exists == 0) {
+        sync_observe(s, true);
+        return;
+    }
+    y->is_snapping = true;
+    y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
+    sess_flush(s);
+}
+
+/* CS-23: `* OK [HIGHESTMODSEQ n]` first (n 0: the mailbox stays without
+ * mod-sequences), then the waiting command as if it had just come. */
+static void sync_upgrade_done(struct sess *s, uint64_t highest)
+{
+    struct sync *y = s->sync;
+    char *line = y->upgrade;
+    size_t len = y->upgrade_len;
+
+    y->upgrade = NULL;
+    y->is_upgrading = false;
+    if (highest != 0) {
+        char code[80];
+        int n = snprintf(code, sizeof(code), "* OK [HIGHESTMODSEQ %llu] Highest\r\n",
+                         (unsigned long long)highest);
+        sess_send(&s->cli, NULL, code, (size_t)n);
+        if (!y->is_upgrade_enable)
+            s->is_condstore = true; /* the command is an enabling one (CS-20) */
+    }
+    cmd_replay(s, line, len, y->upgrade_ntok, y->upgrade_tag_end);
+    free(line);
+    sess_release(&s->up);
+    /* The replayed command may wait for its own refresh, holding the client. */
+    if (y->fetch == NULL)
+        sess_release(&s->cli);
+    else
+        sess_flush(s);
 }

@@ -37,8 +37,11 @@ void sync_fini(struct sess *s);
 
 /* The SELECT/EXAMINE p was sent upstream as a CONDSTORE selection of the
  * mailbox named mbox[0..len) (as sent; NULL when it was a literal). Holds
- * the client's input until the selection completes. */
-void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len);
+ * the client's input until the selection completes. With is_plain (a
+ * selection without CONDSTORE in a session offered it) the selection is
+ * only watched, so a later enabling command can upgrade it (CS-23). */
+void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len,
+                      bool is_plain);
 
 /* True while the session's internal snapshot is in flight: every untagged
  * FETCH is its data and is not relayed. */
@@ -118,6 +121,15 @@ bool sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, siz
 /* The set for a `[MODIFIED set]` code the tagged completion of p must
  * carry (CS-41), or NULL. */
 const char *sync_tagged_code(const struct sess *s, const struct pending *p);
+
+/* CS-23, EN-06: the mailbox was selected without CONDSTORE and this is
+ * the first enabling command: true when sync_upgrade can take it. */
+bool sync_can_upgrade(const struct sess *s);
+
+/* Keep the command line[0..len) (whole, CRLF included), hold the client,
+ * snapshot the mailbox once the commands before it completed, send
+ * `* OK [HIGHESTMODSEQ n]` and replay the command (proxy/cmd.c). */
+void sync_upgrade(struct sess *s, const char *line, size_t len, bool is_enable);
 
 /* No client command is in flight any more (proxy/cmd.c). */
 void sync_idle(struct sess *s);

@@ -605,19 +605,46 @@ def cs46_two_proxies_race_exactly_one_conditional_store_wins():
         p2.stop()
 
 
+@both
+def cs23_first_enabling_command_on_plain_selection_announces_highestmodseq(up):
+    """A mailbox selected without CONDSTORE, then FETCH (MODSEQ): the proxy
+    snapshots it and sends `* OK [HIGHESTMODSEQ n]` before the command's
+    own output (CS-23, Example 5); a second such command sends none."""
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.login()
+        lines = c.cmd("s", "SELECT INBOX")
+        assert highest(lines) is None, "CS-31"
+        lines = c.cmd("f", "FETCH 1:2 (FLAGS MODSEQ)")
+        h = highest(lines)
+        assert h is not None and h > 10 ** 15, lines
+        assert b"HIGHESTMODSEQ" in lines[0], "before the command's output"
+        f = fetch_lines(lines)
+        assert len(f) == 2 and all(0 < modseq_of(l) <= h for l in f), lines
+        lines = c.cmd("g", "FETCH 1 (MODSEQ)")
+        assert highest(lines) is None and modseq_of(fetch_lines(lines)[0]), lines
+    finally:
+        p.stop()
+
+
 @test
-def cs23_not_built_yet_is_refused_not_passed_upstream():
-    """The first enabling command on a mailbox selected without CONDSTORE
-    (CS-23) is not built: the proxy refuses it rather than letting the
-    upstream answer without (or with foreign) modseqs."""
+def en06_enable_while_selected_announces_highestmodseq():
     p = proxy()
     try:
         c = pb.Client(p.port)
         c.login()
-        c.cmd("s", "SELECT INBOX")
-        lines = c.cmd("f", "FETCH 1 (MODSEQ)")
-        assert lines[-1].startswith(b"f NO"), lines
-        assert not any(b"MODSEQ (" in l for l in lines), lines
+        c.cmd("s", "EXAMINE INBOX")
+        lines = c.cmd("e", "ENABLE CONDSTORE")
+        assert highest(lines) is not None, lines
+        assert any(l == b"* ENABLED CONDSTORE" for l in lines), lines
+        assert lines[-1].startswith(b"e OK"), lines
+        d = direct("dovecot")
+        d.cmd("d1", "SELECT INBOX")
+        d.cmd("d2", "STORE 41 +FLAGS (Work)")  # a message no other test touches
+        d.cmd("d3", "LOGOUT")
+        f = fetch_lines(c.cmd("n", "FETCH 41 (FLAGS)"))
+        assert f and modseq_of(f[0]) > highest(lines), f
     finally:
         p.stop()
 
