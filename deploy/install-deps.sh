@@ -9,6 +9,7 @@ set -euo pipefail
 PKGS=(
     gcc make pkg-config
     libuv1-dev libmbedtls-dev libhiredis-dev libinih-dev libcriterion-dev
+    libssl-dev # tests/bench/tlsbench.c: the bench's TLS client (OpenSSL, as mail clients)
     redis-server redis-tools dovecot-imapd
     python3 openssl clang-format util-linux procps
 )

@@ -17,7 +17,16 @@ bench_start_dovecot() {
     DOVECOT_DIR=$(mktemp -d "$QR_TMP/dovecot.XXXXXX")
     chmod 755 "$DOVECOT_DIR"
     DOVECOT_PORT=$(qr_free_port)
-    local d=$DOVECOT_DIR
+    local d=$DOVECOT_DIR ssl_conf="ssl = no" imaps_port=0
+    # TLS as in servers.sh: QR_DOVECOT_SSL_CERT/KEY -> implicit TLS on DOVECOT_TLS_PORT.
+    if [ -n "${QR_DOVECOT_SSL_CERT:-}" ]; then
+        DOVECOT_TLS_PORT=$(qr_free_port)
+        imaps_port=$DOVECOT_TLS_PORT
+        ssl_conf="ssl = yes
+ssl_cert = <$QR_DOVECOT_SSL_CERT
+ssl_key = <$QR_DOVECOT_SSL_KEY"
+        export DOVECOT_TLS_PORT
+    fi
     mkdir -p "$d/run" "$d/state" "$d/home/$QR_USER"
     DOVECOT_MAILDIR=$d/home/$QR_USER/Maildir
     printf '%s:{PLAIN}%s::::::\n' "$QR_USER" "$QR_PASS" >"$d/passwd"
@@ -33,7 +42,7 @@ state_dir = $d/state
 instance_name = qr-bench-dovecot-$DOVECOT_PORT
 log_path = $d/dovecot.log
 info_log_path = $d/dovecot.log
-ssl = no
+$ssl_conf
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 imap_capability = $QR_DOVECOT_CAPS
@@ -63,7 +72,8 @@ service imap-login {
     port = $DOVECOT_PORT
   }
   inet_listener imaps {
-    port = 0
+    address = 127.0.0.1
+    port = $imaps_port
   }
   service_count = 0
   process_min_avail = 2

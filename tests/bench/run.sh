@@ -195,6 +195,10 @@ T0=$(date +%s)
 say "generating $MSGS messages (~$((MSGS * MSG_BYTES / 1000000)) MB) ..."
 GEN=$(python3 tests/bench/genmaildir.py "$QR_TMP/Maildir" "$MSGS" "$MSG_BYTES")
 WANT_BYTES=$(field "$GEN" bytes)
+if [ "${BENCH_TLS:-1}" = 1 ]; then # for the TLS section: a throwaway PKI; Dovecot speaks TLS too
+    tests/integration/make_pki.sh "$QR_TMP/pki"
+    export QR_DOVECOT_SSL_CERT=$QR_TMP/pki/dovecot.pem QR_DOVECOT_SSL_KEY=$QR_TMP/pki/dovecot.key
+fi
 bench_start_dovecot
 mv "$QR_TMP/Maildir" "$DOVECOT_MAILDIR"
 chown -R "$QR_MAIL_UID:$QR_MAIL_GID" "$DOVECOT_DIR/home"
@@ -411,6 +415,112 @@ say "total $(($(date +%s) - T0)) s"
     echo "Measured $(date -u +%Y-%m-%d) with \`make bench\` (tests/bench/run.sh): $NCPU CPUs ($(uname -m)), loopback, Dovecot $(dovecot --version | cut -d' ' -f1) without CONDSTORE/QRESYNC, qresyncd in legacy mode (no Redis)."
 } >"$OUT/results.md"
 say "wrote build/bench/results.md"
+
+# ------------------------------------------------------------------ tls ----
+# Issue 4: TLS on both sides. The same bulk FETCH with a TLS client
+# (tests/bench/tlsbench.c, OpenSSL, certificate verified), directly against
+# Dovecot's implicit-TLS port and through a qresyncd that terminates TLS
+# from the client and speaks implicit TLS to Dovecot (certificate verified
+# against the bench's throwaway CA), rounds alternated, medians; then the
+# RSS of IDLE_N logged-in idle sessions with TLS on both sides and with TLS
+# towards the client only. Rows are appended to build/bench/results.md.
+# BENCH_TLS=0 leaves it out.
+if [ "${BENCH_TLS:-1}" = 1 ] && [ "$DIRECT_ONLY" != 1 ]; then
+    cc "${CFLAGS_BENCH[@]}" -o "$OUT/tlsbench" tests/bench/tlsbench.c -lssl -lcrypto
+    K=$QR_TMP/pki
+    TLSB=("$OUT/tlsbench")
+    start_tls_proxy() { # start_tls_proxy UPSTREAM-TLS-MODE: PORT[tls], PID[tls]
+        local up=("--upstream" "127.0.0.1:$DOVECOT_TLS_PORT" "--upstream-tls" implicit)
+        [ "$1" = none ] && up=("--upstream" "127.0.0.1:$DOVECOT_PORT")
+        PROXY_N=$((PROXY_N + 1))
+        PROXY_LOG=$OUT/qresyncd.$PROXY_N.log
+        PORT[tls]=$(qr_free_port)
+        "$QRESYNCD" --listen-tls "127.0.0.1:${PORT[tls]}" --tls-cert "$K/proxy.pem" \
+            --tls-key "$K/proxy.key" "${up[@]}" --upstream-ca "$K/ca.pem" \
+            --upstream-name localhost --log-level warn "${QRESYNCD_ARGS[@]}" \
+            >"$PROXY_LOG" 2>&1 </dev/null &
+        PID[tls]=$!
+        local i fd
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "${PID[tls]}" 2>/dev/null || break
+            if { exec {fd}<>"/dev/tcp/127.0.0.1/${PORT[tls]}"; } 2>/dev/null; then
+                exec {fd}>&- # listening (this probe session just ends)
+                return 0
+            fi
+            sleep 0.05
+        done
+        tail -20 "$PROXY_LOG" >&2
+        fail "qresyncd (TLS) did not start (log $PROXY_LOG)"
+    }
+    stop_tls_proxy() { stop_path tls; }
+    QR_CLEANUP_HOOKS="stop_tls_proxy $QR_CLEANUP_HOOKS"
+    tls_fetch() { # tls_fetch PORT NAME
+        local out
+        out=$("${TLSB[@]}" fetch $H "$1" "$2" "$K/ca.pem" "$U" "$P" INBOX "$MSGS" "$WANT_BYTES" \
+            2>"$OUT/tool.err") || {
+            cat "$OUT/tool.err" >&2
+            fail "tlsbench fetch $1 $2"
+        }
+        printf '%s\n' "$out"
+    }
+    start_tls_proxy implicit
+    say "qresyncd (TLS both sides) on 127.0.0.1:${PORT[tls]} (pid ${PID[tls]})"
+    W=$(tls_fetch "$DOVECOT_TLS_PORT" localhost)
+    TLS_HASH=$(field "$W" hash)
+    say "  tls fetch warm-up: ${W#fetch }"
+    declare -A TMBS=()
+    TCPU=0
+    for ((i = 1; i <= FETCH_RUNS; i++)); do
+        for p in direct proxy; do
+            if [ "$p" = direct ]; then
+                line=$(tls_fetch "$DOVECOT_TLS_PORT" localhost)
+            else
+                c0=$(cpu_ns "${PID[tls]}")
+                line=$(tls_fetch "${PORT[tls]}" imap.proxy.test)
+                TCPU=$((TCPU + $(cpu_ns "${PID[tls]}") - c0))
+            fi
+            [ "$(field "$line" hash)" = "$TLS_HASH" ] ||
+                fail "tls fetch $p run $i returned other bytes: $line"
+            kill -0 "${PID[tls]}" 2>/dev/null || fail "qresyncd (TLS) exited; log $PROXY_LOG"
+            TMBS[$p]="${TMBS[$p]:-} $(field "$line" mb_s)"
+            say "  tls fetch $(printf '%-6s' "$p") run $i: ${line#fetch }"
+        done
+    done
+    # shellcheck disable=SC2086 # lists of figures
+    tls_d=$(median ${TMBS[direct]})
+    # shellcheck disable=SC2086
+    tls_p=$(median ${TMBS[proxy]})
+    tls_ratio=$(calc %.3f "$tls_p / $tls_d")
+    tls_cpu=$(calc %.1f "$TCPU / 1e6 / ($FETCH_RUNS * $WANT_BYTES / 1e8)")
+    tls_v=$(verdict "$tls_ratio >= 0.90")
+    stop_path tls
+    # Idle sessions: a fresh qresyncd each, TLS on both sides, then client only.
+    declare -A TIDLE=()
+    for mode in implicit none; do
+        start_tls_proxy "$mode"
+        line=$("${TLSB[@]}" idle $H "${PORT[tls]}" imap.proxy.test "$K/ca.pem" "$U" "$P" \
+            "$IDLE_N" "$IDLE_HOLD" "${PID[tls]}" 2>"$OUT/tool.err") || {
+            cat "$OUT/tool.err" >&2
+            fail "tlsbench idle ($mode)"
+        }
+        TIDLE[$mode]=$line
+        say "  tls idle (upstream $mode): ${line#idle }"
+        stop_path tls
+    done
+    tls_idle2=$(field "${TIDLE[implicit]}" per_session_kib)
+    tls_idle1=$(field "${TIDLE[none]}" per_session_kib)
+    say "tls fetch direct $tls_d MB/s proxy $tls_p MB/s ratio $tls_ratio (target >= 0.90: $tls_v; median of $FETCH_RUNS; qresyncd CPU $tls_cpu ms per 100 MB)"
+    say "tls idle rss $tls_idle2 KiB/session with TLS on both sides, $tls_idle1 KiB/session with TLS to the client only ($IDLE_N sessions)"
+    {
+        echo
+        echo "TLS on both sides (issue 4): client \`tests/bench/tlsbench.c\` (OpenSSL, certificate verified); direct = Dovecot's implicit-TLS port; through qresyncd = listen-tls, upstream-tls implicit, both certificates verified."
+        echo
+        echo "| measurement | direct TLS (Dovecot) | through qresyncd, TLS both sides | qresyncd's cost | target |"
+        echo "| --- | ---: | ---: | ---: | --- |"
+        echo "| \`UID FETCH 1:* BODY.PEEK[]\`, $MSGS messages, $mb MB (median of $FETCH_RUNS) | $tls_d MB/s | $tls_p MB/s | ratio $tls_ratio, qresyncd CPU $tls_cpu ms per 100 MB | ≥ 0.90 ($tls_v) |"
+        echo "| RSS per logged-in idle session, $IDLE_N sessions: TLS both sides / TLS to the client only | | $tls_idle2 KiB / $tls_idle1 KiB | | (reported; plain target 16 KiB) |"
+    } >>"$OUT/results.md"
+fi
 
 # ------------------------------------------------------------ condstore ----
 # Issue 5: CONDSTORE resync of a 100 000-message mailbox, through qresyncd
