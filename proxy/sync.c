@@ -545,22 +545,6 @@ static void sync_store_lost(struct sess *s, int err)
     sess_fail(s, err, "state store");
 }
 
-static void on_line_modseq(void *arg, int err, const uint64_t *modseqs, size_t n,
-                           const struct store_info *info)
-{
-    struct sess *s = arg;
-    (void)info;
-
-    s->sync->req = NULL;
-    if (s->is_closing)
-        return;
-    if (err < 0 || n != 1 || modseqs[0] == 0) {
-        sync_store_lost(s, err < 0 ? err : QR_ESTATE);
-        return;
-    }
-    sync_emit_line(s, modseqs[0]);
-}
-
 static void on_line_observed(void *arg, int err, const struct store_result *res)
 {
     struct sess *s = arg;
@@ -573,14 +557,13 @@ static void on_line_observed(void *arg, int err, const struct store_result *res)
         sync_store_lost(s, err);
         return;
     }
-    if (res->modseq != 0) {
-        sync_emit_line(s, res->modseq);
+    /* The line's own modseq: new when its flags changed, kept otherwise
+     * (CS-12), in the same round trip. */
+    if (res->uid_modseq == 0) {
+        sync_store_lost(s, QR_ESTATE);
         return;
     }
-    /* CS-12: unchanged flags keep their modseq; ask for it. */
-    int rc = store_modseqs(y->mb, &y->line_uid, 1, on_line_modseq, s, &y->req);
-    if (rc < 0)
-        sync_store_lost(s, rc);
+    sync_emit_line(s, res->uid_modseq);
 }
 
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
@@ -602,8 +585,7 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
      * it is the one this observation gives. Nothing may overtake the line. */
     sess_hold(&s->up);
     sess_hold(&s->cli);
-    struct store_obs ob = {.uid = uid, .flags = flags, .flags_len = flags_len};
-    int rc = store_observe(y->mb, &ob, 1, on_line_observed, s, &y->req);
+    int rc = store_observe_one(y->mb, uid, flags, flags_len, on_line_observed, s, &y->req);
     if (rc < 0)
         sync_store_lost(s, rc);
     return true;
