@@ -938,6 +938,24 @@ def p1_tls_backpressure_slow_client_large_fetch():
 
 
 @test
+def p1_sigterm_with_tls_sessions_says_bye_and_exits_cleanly():
+    p = Proxy(upstream=upstream_tls("implicit"))
+    try:
+        a = Client(p.port, tls=True)
+        a.login()
+        half = Client(p.port, greeting=False)  # connected, no ClientHello yet
+        time.sleep(0.2)
+        p.proc.send_signal(signal.SIGTERM)
+        lines = a.closed_within(5)
+        assert lines and lines[0].startswith(b"* BYE [UNAVAILABLE]"), lines
+        half.closed_within(5)
+        assert p.proc.wait(5) == 0
+        half.close()
+    finally:
+        p.stop()
+
+
+@test
 def p1_check_config_loads_the_certificates():
     bad = subprocess.run([QRESYNCD, "--check-config", "/dev/null", "--listen-tls",
                           "127.0.0.1:993", "--upstream", "127.0.0.1:143", "--tls-cert",
