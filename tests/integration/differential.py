@@ -156,6 +156,19 @@ class Target:
         for p in self.proxies:
             p.stop()
 
+    def revive(self):
+        """Restarts a proxy instance that died; returns the dead one's log."""
+        logs = []
+        for n, p in enumerate(self.proxies):
+            if p.proc.poll() is not None:
+                logs.append(p.read_log())
+                p.stop()
+                self.proxies[n] = pb.Proxy(
+                    "--condstore", "--redis",
+                    "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
+                    upstream=self.upstream)
+        return "\n".join(logs)
+
     def log(self):
         return "\n".join(p.read_log() for p in self.proxies)
 
@@ -424,6 +437,7 @@ def run_scenario(t):
         o["exa"] = c2.cmd("EXAMINE INBOX")
         c2.close()
         run_unbuilt(t, o, model, tr)
+        run_expunge_races(t, o, tr)
     except Exception as e:  # the checks report what is missing
         o["error"] = "%s: %s" % (type(e).__name__, e)
         o["error_tb"] = traceback.format_exc(limit=3)
@@ -459,6 +473,73 @@ def run_unbuilt(t, o, model, tr):
         o["u_error"] = "%s: %s" % (type(e).__name__, e)
     finally:
         u.close()
+
+
+# Commands that use message numbers, sent right after another connection
+# expunged a message the client has not heard of yet (no NOOP in between).
+# The server must not send EXPUNGE while answering FETCH, STORE or SEARCH
+# (RFC 3501 7.4.1, CHECKLIST CS-66 / QR-42), so the client's numbers still
+# name the messages it knows: the answers and the stores must hit those.
+RACES = [
+    ("store_unchangedsince", 10, 15, "STORE 15 (UNCHANGEDSINCE {big}) +FLAGS (XRace1)", "xrace1"),
+    ("fetch_changedsince", 20, 25, "FETCH 1:* (FLAGS) (CHANGEDSINCE {h})", None),
+    ("search_modseq", 30, 33, "SEARCH MODSEQ {h1}", None),
+    ("plain_store", 35, 38, "STORE 38 +FLAGS (XRace4)", "xrace4"),
+]
+
+
+def run_expunge_races(t, o, tr):
+    """Each race in its own session: D expunges the message the client
+    knows as number `gone` and changes `other`'s flags; the client then
+    sends its command at once. Records (view, lines, upstream flags of the
+    target UID, proxy log of a crash) per race."""
+    o["races"] = {}
+    for name, gone, other, cmd, flag in RACES:
+        rec = {}
+        o["races"][name] = rec
+        if t.proxied:
+            died = t.revive()
+            if died:
+                rec["earlier_crash"] = died[-2000:]
+        x = None
+        try:
+            x = Session(t.port, tr, "x")
+            sel = x.cmd("SELECT INBOX (CONDSTORE)")
+            h = highests(sel)[0]
+            view = {s_: f["uid"] for s_, f in merged(x.cmd("FETCH 1:* (UID)")).items()}
+            rec["view"] = view
+            d = Session(t.upstream, tr, "d")
+            d.cmd("SELECT INBOX")
+            d.cmd("UID STORE %d +FLAGS (\\Deleted)" % view[gone])
+            d.cmd("EXPUNGE")
+            d.cmd("UID STORE %d +FLAGS (XOther)" % view[other])
+            d.close()
+            time.sleep(0.1)
+            rec["lines"] = x.cmd(cmd.format(big=h + 10 ** 9, h=h, h1=h + 1), ok=False)
+            rec["after"] = x.cmd("NOOP")
+        except Exception as e:
+            rec["error"] = "%s: %s" % (type(e).__name__, e)
+        finally:
+            if x:
+                x.close()
+        if flag:
+            try:
+                r = Session(t.upstream, tr, "r")
+                r.cmd("EXAMINE INBOX")
+                uid = rec.get("view", {}).get(RACES_TARGET[name])
+                got = merged(r.cmd("UID FETCH 1:* (UID FLAGS)"))
+                rec["flag_on"] = sorted(f["uid"] for f in got.values() if flag in (f["flags"] or ()))
+                rec["flag_want"] = [uid]
+                r.close()
+            except Exception as e:
+                rec["error"] = rec.get("error", "") + " / check: %s" % e
+        if t.proxied and t.proxies[0].proc.poll() is not None:
+            rec["crash"] = t.proxies[0].read_log()[-3000:]
+    if t.proxied:
+        t.revive()  # a crash is reported by its race's test, not by the log check
+
+
+RACES_TARGET = {"store_unchangedsince": 15, "plain_store": 38}
 
 
 def run_probe(c, o, model, i):
@@ -999,6 +1080,61 @@ def x13_cs21_no_upstream_modseq_leaks_into_the_session(t, o):
     assert not bad, bad[:4]
 
 
+def race_check(name):
+    def fn(t, o):
+        need(o)
+        rec = o["races"][name]
+        bad = []
+        if "crash" in rec:
+            bad.append("qresyncd died; its log ends:\n" + rec["crash"][-1500:])
+        if "error" in rec:
+            bad.append(rec["error"])
+        lines = rec.get("lines") or [b"? ?"]
+        body = lines[:-1]
+        if "flag_on" in rec and rec.get("lines") and lines[-1].split()[1] == b"OK" \
+                and rec["flag_on"] != rec["flag_want"]:
+            bad.append("the STORE changed UID %s, the client named UID %s" %
+                       (rec["flag_on"], rec["flag_want"]))
+        exp = [l for l in body if re.match(rb"\* \d+ (EXPUNGE|VANISHED)", l)]
+        if exp:
+            bad.append("EXPUNGE while answering the command: %r" % exp)
+        # The client's view, renumbered by each EXPUNGE it was sent.
+        view = [rec.get("view", {}).get(n) for n in range(1, len(rec.get("view", {})) + 1)]
+        wrong = []
+        for l in body:
+            m = re.match(rb"\* (\d+) EXPUNGE", l)
+            if m and int(m.group(1)) <= len(view):
+                del view[int(m.group(1)) - 1]
+            f = parse_fetch(l)
+            if f and f["uid"] is not None and (f["seq"] > len(view) or view[f["seq"] - 1] != f["uid"]):
+                wrong.append(l)
+        if wrong:
+            bad.append("message numbers wrong even for the client's view: %r" % wrong[:3])
+        if name == "fetch_changedsince" and rec.get("lines"):
+            extra = sorted({f["seq"] for f in fetches(body)} - set(RACES_CHANGED[name]))
+            if extra:
+                bad.append("CHANGEDSINCE answered unchanged messages %s (changed: %s)" %
+                           (extra[:10], RACES_CHANGED[name]))
+        if rec.get("after") is not None and \
+                not any(re.match(rb"\* \d+ EXPUNGE", l) for l in rec["after"]) and not exp:
+            bad.append("the NOOP after it did not report the EXPUNGE: %r" % rec["after"])
+        assert not bad, "\n".join(bad) + "\nanswer: %r" % (lines[:6] + lines[-1:],)
+    fn.__name__ = "qr42_cs66_no_expunge_during_%s_after_others_expunge" % name
+    fn.__doc__ = ("RFC 3501 7.4.1, CS-66, QR-42, CS-52, DESIGN session model: %s "
+                  "right after another connection expunged a message: no EXPUNGE "
+                  "inside the answer, message numbers of the client's view, a STORE "
+                  "hits the message the client named, the proxy survives; the next "
+                  "NOOP reports the EXPUNGE." % name)
+    return fn
+
+
+RACES_CHANGED = {r[0]: [r[1], r[2]] for r in RACES}
+
+
+for _race in RACES:
+    CHECKS.append(race_check(_race[0]))
+
+
 # ------------------------------------------------------------- differential checks
 
 DIFFS = []
@@ -1170,6 +1306,22 @@ KNOWN = {
     "cs70_status_highestmodseq_is_refused_or_right[proxy-courier]":
         "not built yet, and passed through: Courier drops the HIGHESTMODSEQ item",
     "x13_cs21_no_upstream_modseq_leaks_into_the_session[proxy-dovecot]": UNBUILT_PASSED_THROUGH,
+    # The refresh before a client command (internal NOOP + UID FETCH 1:*)
+    # makes the upstream report the expunge during the client's command.
+    "qr42_cs66_no_expunge_during_store_unchangedsince_after_others_expunge[proxy-dovecot]":
+        "qresyncd dies: NULL f->items in sync_fetch_send (proxy/sync.c) from sync_observe",
+    "qr42_cs66_no_expunge_during_fetch_changedsince_after_others_expunge[proxy-dovecot]":
+        "EXPUNGE inside the FETCH answer; the fallback answers every message",
+    "qr42_cs66_no_expunge_during_search_modseq_after_others_expunge[proxy-dovecot]":
+        "qresyncd dies: NULL set in sync_fetch_send (proxy/sync.c) from sync_observe",
+    "qr42_cs66_no_expunge_during_plain_store_after_others_expunge[proxy-dovecot]":
+        "qresyncd dies: NULL set in sync_fetch_send (proxy/sync.c) from sync_observe",
+    "qr42_cs66_no_expunge_during_store_unchangedsince_after_others_expunge[proxy-courier]":
+        "EXPUNGE inside the STORE answer, and the STORE changes the next message",
+    "qr42_cs66_no_expunge_during_fetch_changedsince_after_others_expunge[proxy-courier]":
+        "EXPUNGE inside the FETCH answer",
+    "qr42_cs66_no_expunge_during_search_modseq_after_others_expunge[proxy-courier]":
+        "EXPUNGE inside the SEARCH answer",
 }
 
 
@@ -1232,7 +1384,10 @@ def main():
                 continue
 
             def log_clean(t=t):
-                errs = [l for l in t.log().splitlines() if "level=err" in l]
+                # UBSan reports of the ASan build go to stderr (the log),
+                # not to UBSAN_OPTIONS' log_path, so look for them here.
+                errs = [l for l in t.log().splitlines()
+                        if "level=err" in l or "runtime error:" in l or "Sanitizer" in l]
                 assert not errs, errs[:5]
             report("proxy_log_has_no_errors[%s]" % t.name, log_clean)
     finally:

@@ -69,10 +69,11 @@ export PROXY_DOVECOT_PORT PROXY_COURIER_PORT DOVECOT_PORT COURIER_PORT QR_USER Q
 
 rc=0
 node tests/integration/imapflow.mjs "$@" | tee "$QR_TMP/imapflow.out" || rc=$?
-# qresyncd's own error lines fail the run too.
-errs=$(grep -h "level=err" "$QR_TMP"/qresyncd-*.log || true)
+# qresyncd's own error lines fail the run too, and so do sanitizer reports
+# (UBSan's go to stderr, not to UBSAN_OPTIONS' log_path).
+errs=$(grep -h -e "level=err" -e "runtime error:" -e "Sanitizer" "$QR_TMP"/qresyncd-*.log || true)
 if [ -n "$errs" ]; then
-    echo "imapflow: qresyncd logged errors:"
+    echo "imapflow: qresyncd logged errors or sanitizer reports:"
     echo "$errs" | head -20
     line=$(tail -n 1 "$QR_TMP/imapflow.out")
     p=${line%% passed*}
