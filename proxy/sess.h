@@ -31,6 +31,13 @@
  * SASL exchanges and IDLE: after the upstream's `+` continuation for a
  * pending AUTHENTICATE or IDLE, the client's next line is not a command: it
  * is relayed as it is (and never logged).
+ *
+ * TLS (proxy/sess_tls.h, the decisions; proxy/tls.h, the engine): a side
+ * that speaks TLS reads ciphertext into a chunk of its own, decrypts into
+ * its read chunks (the one inherent copy) and feeds the stages exactly as
+ * a plain side; its output queue encrypts in order (proxy/outq.h), so
+ * streaming and backpressure work unchanged. Client input is processed
+ * only once the upstream is ready, its TLS included.
  */
 #ifndef QR_SESS_H
 #define QR_SESS_H
