@@ -565,8 +565,20 @@ def p4_starttls_injection_pipelined_login_is_never_executed():
         except (ssl.SSLError, OSError, EOFError):
             pass
         assert "event=session.login" not in p.read_log()
+        # STARTTLS behind another command: its OK waits for that command's
+        # completion, and what follows STARTTLS is still never executed.
+        c3 = Client(p.port)
+        c3.send("x NOOP\r\ny STARTTLS\r\n" + inj)
+        assert c3.until_tag("x")[0][-1].startswith(b"x OK")
+        assert c3.line() == b"y OK Begin TLS negotiation now"
+        c3.s = client_ctx().wrap_socket(c3.raw, server_hostname=PROXY_NAME)
+        lines = c3.cmd("z", "SELECT INBOX")
+        assert not lines[-1].startswith(b"z OK") and not any(
+            l.startswith(b"b ") for l in lines), lines
+        assert "event=session.login" not in p.read_log()
         c.close()
         c2.close()
+        c3.close()
     finally:
         p.stop()
 
