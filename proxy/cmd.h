@@ -48,6 +48,10 @@ void cmd_local_answer(struct sess *s, const char *tag, size_t tag_len, const cha
  * ones (the client was held meanwhile); ntok and tag_end as they were. */
 void cmd_replay(struct sess *s, const char *line, size_t len, unsigned ntok, size_t tag_end);
 
+/* A client line p[0..len) answering an AUTHENTICATE continuation: for
+ * PLAIN, the identity in it becomes the login's candidate user. */
+void cmd_sasl_line(struct sess *s, const char *p, size_t len);
+
 /* Free the whole FIFO (session teardown). */
 void cmd_pending_free_all(struct sess *s);
 

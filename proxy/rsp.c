@@ -134,7 +134,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         sd->tag_end = sd->seg_off;
         s->rl_cap = s->rl_code = s->rl_tag_sent = false;
         s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
-        s->rl_enrich = s->rl_search = false;
+        s->rl_enrich = s->rl_search = s->rl_drop = false;
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)
@@ -211,6 +211,14 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
             s->rl_cap = true;
         if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UIDVALIDITY"))
             s->rl_uidvalidity = true;
+        /* X13: an upstream that does not advertise CONDSTORE is legacy
+         * whatever codes it sends (a Dovecot with CONDSTORE hidden still
+         * reports its own counter); only the proxy's mod-sequences reach a
+         * session it offers CONDSTORE. */
+        if (s->rl_code && s->rl_kind == RL_UNTAGGED && s->offers_condstore &&
+            ev->kind == TOK_ATOM &&
+            (word_is(ev->data, ev->len, "HIGHESTMODSEQ") || word_is(ev->data, ev->len, "NOMODSEQ")))
+            s->rl_drop = true;
         if (s->rl_swallow || s->rl_enrich)
             rsp_fetch_item(s, ev);
         break;
@@ -258,7 +266,7 @@ static void rsp_line_done(struct sess *s)
         if ((p->kind == CMD_LOGIN || p->kind == CMD_AUTHENTICATE) && ok) {
             sess_logged_in(s);
             free(s->user);
-            s->user = p->kind == CMD_LOGIN ? s->user_cand : NULL;
+            s->user = s->user_cand; /* LOGIN's, or AUTHENTICATE PLAIN's */
             s->user_cand = NULL;
             struct log_line l;
             log_begin(&l, LOG_INFO, "session.login");
@@ -312,8 +320,8 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
 {
     struct side *sd = &s->up;
 
-    if (s->rl_swallow) {
-        /* the proxy's own data */
+    if (s->rl_swallow || s->rl_drop) {
+        /* the proxy's own data, or the upstream's mod-sequence codes */
     } else if (is_eol && s->rl_enrich && s->fp_has_flags && !sd->is_streaming &&
                (sync_fetch_uid(s, s->rl_num, s->fp_uid),
                 sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,

@@ -109,9 +109,11 @@ static size_t side_raw(struct side *sd, struct buf_chunk *c, const char *p, size
             sess_fail(s, QR_ENOMEM, "line buffer");
             return take;
         }
+        cmd_sasl_line(s, sd->line.p, sd->line.len);
         sess_send(&s->up, NULL, sd->line.p, sd->line.len);
         buf_clear(&sd->line, UP_LINE_KEEP);
     } else {
+        cmd_sasl_line(s, p, take);
         sess_send(&s->up, c, p, take);
     }
     s->raw_lines--;

@@ -149,6 +149,7 @@ struct sess {
     bool rl_enrich;  /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
     bool fp_has_flags;
     bool rl_search; /* `* SEARCH` of a SEARCH MODSEQ (CS-61) */
+    bool rl_drop;   /* the upstream's own HIGHESTMODSEQ/NOMODSEQ (X13) */
     /* FETCH items being read (internal snapshot, CONDSTORE) */
     uint8_t fp_want;
     uint32_t fp_uid;
@@ -176,6 +177,7 @@ struct sess {
     uint8_t listen_kind; /* enum sess_listen */
     uint8_t up_pre;      /* enum up_pre: the upstream's STARTTLS opening */
     bool is_up_ready;    /* connected, and TLS up where upstream-tls says so */
+    bool is_sasl_plain;  /* AUTHENTICATE PLAIN: its identity is read */
     bool is_plain_mech;  /* AUTHENTICATE's mechanism sends a secret in the clear */
     bool up_had_caps;    /* the upstream's greeting had a [CAPABILITY] code */
     char *up_greeting;   /* its text, until relayed; owned */

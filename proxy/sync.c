@@ -90,6 +90,7 @@ struct sync {
  * (CS-52, CS-60). */
 struct cs_fetch {
     bool is_uid;
+    bool is_client_seq; /* the client gave message numbers; set holds UIDs */
     bool is_search;
     bool is_store;
     char *item;  /* STORE: "+FLAGS" etc., without .SILENT */
@@ -352,11 +353,25 @@ static void sync_observe(struct sess *s, bool is_ok)
     struct snap *sn = &y->snap;
 
     if (!is_ok || sn->n != y->exists || !msgmap_is_complete(&y->map)) {
-        if (y->is_for_fetch) {
+        if (y->is_for_fetch && !y->fetch->is_store && !y->fetch->is_search) {
             /* Nothing diffed (inv. 4): the whole set goes upstream and only
              * the lines newer than the client's modseq come back. */
             snap_reset(sn);
             sync_fetch_send(s, NULL);
+            return;
+        }
+        if (y->is_for_fetch) {
+            /* A conditional STORE or SEARCH MODSEQ cannot be answered from
+             * an incomplete view (inv. 4): the client may try again. */
+            struct cs_fetch *f = y->fetch;
+            snap_reset(sn);
+            cmd_local_answer(s, f->tag, f->tag_len,
+                             "NO [UNAVAILABLE] The mailbox changed meanwhile, try again");
+            if (f->is_store)
+                sync_store_unlease(s);
+            cs_fetch_free(y);
+            sess_release(&s->up);
+            sess_release(&s->cli);
             return;
         }
         sync_nomodseq(s, "incomplete snapshot");
@@ -470,6 +485,8 @@ void sync_expunge(struct sess *s, uint32_t seq)
     struct sync *y = s->sync;
     uint32_t uid;
 
+    if (y != NULL && y->phase != SEL_NONE && y->exists > 0)
+        y->exists--; /* RFC 3501 §7.4.1: EXPUNGE decrements EXISTS */
     if (y != NULL && y->phase != SEL_NONE && msgmap_expunge(&y->map, seq, &uid) < 0) {
         struct log_line l;
         log_begin(&l, LOG_WARN, "condstore.map_mismatch");
@@ -641,17 +658,66 @@ void sync_idle(struct sess *s)
         sync_upgrade_start(s);
 }
 
-bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
-                             const char *items, size_t items_len, uint64_t since)
+/* The client's message-number set as UIDs, as the client sees the mailbox
+ * now: the proxy has relayed every EXPUNGE so far, so its map is the
+ * client's view. Commands that wait for a refresh work in UIDs from here
+ * on, so an EXPUNGE the refresh brings cannot make them touch another
+ * message (RFC 3501 §7.4.1). New messages whose UIDs are not known yet
+ * are the highest: they become "above the highest known UID". Returns a
+ * malloc'ed set, or NULL for an invalid one. */
+static char *seq_to_uid_text(struct sync *y, const char *set, size_t len)
+{
+    struct seqset want, uids;
+    char *text = NULL;
+    size_t tl;
+    uint32_t top = 0;
+    bool has_new = false;
+
+    seqset_init(&want);
+    seqset_init(&uids);
+    int rc = seqset_parse(&want, set, len, 0);
+    if (rc == 0)
+        rc = seqset_resolve(&want, y->map.n);
+    for (uint32_t i = 1; i <= y->map.n; i++) {
+        uint32_t u = msgmap_uid(&y->map, i);
+        top = u > top ? u : top;
+    }
+    if (rc == 0) {
+        struct seqset_iter it;
+        uint32_t v;
+        seqset_iter_init(&it, &want);
+        while (rc == 0 && seqset_iter_next(&it, &v) && v <= y->map.n) {
+            uint32_t u = msgmap_uid(&y->map, v);
+            if (u != 0)
+                rc = seqset_add(&uids, u);
+            else
+                has_new = true;
+        }
+    }
+    if (rc == 0 && has_new && top < UINT32_MAX)
+        rc = seqset_add_range(&uids, top + 1, UINT32_MAX);
+    if (rc == 0 && !seqset_is_empty(&uids) && seqset_format_alloc(&uids, &text, &tl) < 0)
+        text = NULL; /* no message named: an invalid set, as for the upstream */
+    seqset_fini(&want);
+    seqset_fini(&uids);
+    return text;
+}
+
+int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                            const char *items, size_t items_len, uint64_t since)
 {
     struct sync *y = s->sync;
 
     if (!sync_enriches(s) || y->fetch != NULL)
-        return false;
+        return QR_EBUSY;
+    char *uids = is_uid ? xmemdup(set, set_len) : seq_to_uid_text(y, set, set_len);
+    if (uids == NULL)
+        return QR_EINVAL;
     struct cs_fetch *f = xcalloc(1, sizeof(*f));
-    f->is_uid = is_uid;
+    f->is_uid = true;
+    f->is_client_seq = !is_uid;
     f->since = since;
-    f->set = xmemdup(set, set_len);
+    f->set = uids;
     f->items = xmemdup(items, items_len);
     f->tag = xmemdup(s->tag, s->tag_len);
     f->tag_len = s->tag_len;
@@ -663,7 +729,7 @@ bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_
         sync_begin(s);
     else
         f->is_waiting = true;
-    return true;
+    return 0;
 }
 
 /* Send the FETCH upstream for subset (NULL: the client's whole set, with
@@ -994,19 +1060,23 @@ static void sync_store_unlease(struct sess *s)
     y->has_store_lease = false;
 }
 
-bool sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
-                               const char *item, size_t item_len, const char *value,
-                               size_t value_len, uint64_t since)
+int sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                              const char *item, size_t item_len, const char *value,
+                              size_t value_len, uint64_t since)
 {
     struct sync *y = s->sync;
 
     if (!sync_enriches(s) || y->fetch != NULL || y->store_cmd != NULL)
-        return false;
+        return QR_EBUSY;
+    char *uids = is_uid ? xmemdup(set, set_len) : seq_to_uid_text(y, set, set_len);
+    if (uids == NULL)
+        return QR_EINVAL;
     struct cs_fetch *f = xcalloc(1, sizeof(*f));
-    f->is_uid = is_uid;
+    f->is_uid = true;
+    f->is_client_seq = !is_uid;
     f->is_store = true;
     f->since = since;
-    f->set = xmemdup(set, set_len);
+    f->set = uids;
     f->item = xmemdup(item, item_len);
     f->value = xmemdup(value, value_len);
     f->tag = xmemdup(s->tag, s->tag_len);
@@ -1017,7 +1087,7 @@ bool sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, siz
         sync_begin(s);
     else
         f->is_waiting = true;
-    return true;
+    return 0;
 }
 
 /* Format a set of message numbers or UIDs; NULL when empty. */
@@ -1053,9 +1123,12 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < n && i < y->n_targets; i++) {
         uint32_t uid = y->targets[i];
-        uint32_t v = f->is_uid ? uid : msgmap_seq(&y->map, uid);
         bool ok = f->since != 0 && modseqs[i] != 0 && modseqs[i] <= f->since;
-        rc = seqset_add(ok ? &pass : &fail, v);
+        /* The pass set goes upstream as UIDs; MODIFIED speaks the client's
+         * language: message numbers for STORE, UIDs for UID STORE (CS-41). */
+        uint32_t v = ok || !f->is_client_seq ? uid : msgmap_seq(&y->map, uid);
+        if (v != 0)
+            rc = seqset_add(ok ? &pass : &fail, v);
     }
     char *pass_text = rc == 0 ? set_text(&pass) : NULL;
     char *fail_text = rc == 0 ? set_text(&fail) : NULL;

@@ -86,10 +86,12 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
  * before it completed, then the command goes upstream for the messages
  * changed after since only (items already rewritten to carry FLAGS and
  * UID), under the client's tag; lines not newer than since are dropped.
- * Returns false when the session cannot do that now (the caller refuses
- * the command). Holds the client meanwhile. Copies its arguments. */
-bool sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
-                             const char *items, size_t items_len, uint64_t since);
+ * Returns 0, QR_EINVAL for a message set naming no message, or QR_EBUSY
+ * when the session cannot do that now (the caller refuses the command).
+ * Message numbers are turned into UIDs at once (RFC 3501 §7.4.1). Holds
+ * the client meanwhile. Copies its arguments. */
+int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                            const char *items, size_t items_len, uint64_t since);
 
 /* SEARCH/UID SEARCH whose criteria line[0..len) (from the space after
  * the tag to the CRLF) hold n_keys MODSEQ keys at line[from[k], to[k])
@@ -112,11 +114,11 @@ bool sync_search_line(struct sess *s, const char *b, size_t len);
  * under the mailbox's STORE lease, with the state refreshed, the messages
  * whose modseq is <= since are stored upstream with a plain STORE (item
  * without .SILENT), the others are named in [MODIFIED] (message numbers
- * for STORE, UIDs for UID STORE). Returns false when that cannot be done
- * now. Copies its arguments; holds the client meanwhile. */
-bool sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
-                               const char *item, size_t item_len, const char *value,
-                               size_t value_len, uint64_t since);
+ * for STORE, UIDs for UID STORE). Returns as sync_fetch_changedsince.
+ * Copies its arguments; holds the client meanwhile. */
+int sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
+                              const char *item, size_t item_len, const char *value,
+                              size_t value_len, uint64_t since);
 
 /* The set for a `[MODIFIED set]` code the tagged completion of p must
  * carry (CS-41), or NULL. */

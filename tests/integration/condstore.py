@@ -28,7 +28,10 @@ UPSTREAMS = {"dovecot": pb.UP_PORT, "courier": COURIER_PORT}
 
 
 def proxy(up="dovecot", *args):
-    return pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d" % REDIS_PORT, *args,
+    # Both upstreams serve the same user and mailboxes with the same
+    # UIDVALIDITY: each gets its own Redis database.
+    db = {"dovecot": 0, "courier": 1}[up]
+    return pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
                     upstream=UPSTREAMS[up])
 
 

@@ -508,12 +508,7 @@ only(['dovecot'], 'cs21_changes_during_idle_carry_modseq', async up => {
 // Known proxy bugs: test name -> why. Such a test still runs; its failure
 // prints XFAIL and is not counted (the suite runs in `make check`), its
 // success prints XPASS (remove the entry then). QR_STRICT=1 counts them.
-const KNOWN = {
-    'inv7_cs30_authenticate_plain_session_gets_modseqs[dovecot]':
-        'AUTHENTICATE leaves the session without a user: every SELECT answers [NOMODSEQ]',
-    'inv7_cs30_authenticate_plain_session_gets_modseqs[courier]':
-        'AUTHENTICATE leaves the session without a user: every SELECT answers [NOMODSEQ]'
-};
+const KNOWN = {};
 const strict = process.env.QR_STRICT === '1';
 const filters = process.argv.slice(2);
 let passed = 0;

@@ -80,7 +80,13 @@ class Proxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        log = self.read_log()
         self.log.close()
+        # UBSan prints to stderr here whatever log_path says: a sanitizer
+        # report in the proxy's log fails the test that produced it.
+        for mark in ("runtime error:", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer"):
+            if mark in log:
+                raise AssertionError("sanitizer report in the qresyncd log:\n" + log[-3000:])
 
 
 class Client:
