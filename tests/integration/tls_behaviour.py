@@ -403,10 +403,10 @@ def p1_implicit_tls_with_openssl_s_client():
         assert "Verification: OK" in err, err
         assert "Protocol version: TLSv1.2" in err, err
         # Dovecot under load first says "* OK Waiting for authentication
-    # process to respond.."; the greeting proper follows.
-    while out.startswith("* OK Waiting for authentication"):
-        out = out.split("\n", 1)[1] if "\n" in out else ""
-    assert out.startswith("* OK [CAPABILITY "), out[:300]
+        # process to respond.."; the greeting proper follows.
+        while out.startswith("* OK Waiting for authentication"):
+            out = out.split("\n", 1)[1] if "\n" in out else ""
+        assert out.startswith("* OK [CAPABILITY "), out[:300]
         assert "b OK" in out and "c OK" in out and "d OK" in out, out[-500:]
         assert "STARTTLS" not in out.split("\n")[0], "implicit TLS advertises no STARTTLS"
     finally:
