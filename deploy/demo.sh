@@ -18,7 +18,7 @@ echo "   redis on 127.0.0.1:$REDIS_PORT, legacy Dovecot on 127.0.0.1:$DOVECOT_PO
 
 PROXY_PORT=$(qr_free_port)
 ./qresyncd --listen "127.0.0.1:$PROXY_PORT" --upstream "127.0.0.1:$DOVECOT_PORT" \
-    --redis "redis://127.0.0.1:$REDIS_PORT" 2>"$QR_TMP/qresyncd.log" &
+    --redis "redis://127.0.0.1:$REDIS_PORT" --condstore 2>"$QR_TMP/qresyncd.log" &
 PROXY_PID=$!
 stop_proxy() { kill "$PROXY_PID" 2>/dev/null && wait "$PROXY_PID" 2>/dev/null || true; }
 QR_CLEANUP_HOOKS="stop_proxy $QR_CLEANUP_HOOKS"
@@ -30,7 +30,8 @@ echo "== the upstream alone"
 python3 deploy/demo_client.py 127.0.0.1 "$DOVECOT_PORT" "$QR_USER" "$QR_PASS" --caps-only
 echo
 echo "== a client through qresyncd"
-python3 deploy/demo_client.py 127.0.0.1 "$PROXY_PORT" "$QR_USER" "$QR_PASS"
+python3 deploy/demo_client.py 127.0.0.1 "$PROXY_PORT" "$QR_USER" "$QR_PASS" \
+    --other 127.0.0.1:"$DOVECOT_PORT"
 echo
 echo "== qresyncd's log"
 cat "$QR_TMP/qresyncd.log"

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """The demo's IMAP client: prints what it sends (C:) and receives (S:).
 
-    demo_client.py HOST PORT USER PASS [--caps-only]
+    demo_client.py HOST PORT USER PASS [--caps-only] [--other HOST:PORT]
 
 Enables QRESYNC when the server offers it and resynchronises INBOX with
-SELECT (QRESYNC ...), as a phone reconnecting would; otherwise it shows a
-plain session. Long literals are shown by size only.
+SELECT (QRESYNC ...), as a phone reconnecting would; with CONDSTORE only,
+it shows a CONDSTORE resync (SELECT (CONDSTORE), a change made by another
+client directly on the upstream (--other HOST:PORT), then FETCH
+CHANGEDSINCE); otherwise a plain session. Long literals are shown by size
+only.
 """
 import socket
 import sys
@@ -64,6 +67,27 @@ def main():
         c.cmd("LOGOUT")
         return
     c.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
+    other = None
+    if "--other" in sys.argv:
+        other = sys.argv[sys.argv.index("--other") + 1].split(":")
+    if b"QRESYNC" not in caps and b"CONDSTORE" in caps:
+        lines = c.cmd("SELECT INBOX (CONDSTORE)")
+        modseq = None
+        for l in lines:
+            if b"[HIGHESTMODSEQ " in l:
+                modseq = l.split(b"[HIGHESTMODSEQ ")[1].split(b"]")[0].decode()
+        if other is not None:
+            print("-- meanwhile another client changes flags directly on the legacy server:")
+            o = Conn(*other)
+            o.read_response()
+            o.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
+            o.cmd("SELECT INBOX")
+            o.cmd("STORE 2,5 +FLAGS (\\Flagged)")
+            o.cmd("LOGOUT")
+        print("-- one round trip: only what changed since %s comes back" % modseq)
+        c.cmd("UID FETCH 1:* (FLAGS) (CHANGEDSINCE %s)" % modseq)
+        c.cmd("LOGOUT")
+        return
     if b"QRESYNC" in caps:
         c.cmd("ENABLE QRESYNC")
         lines = c.cmd("SELECT INBOX")
