@@ -430,7 +430,13 @@ static void opening_line(struct sess *s, const char *p, size_t len)
         }
         return;
     case UP_PRE_STARTTLS:
-        if (starts_with(p, len, "Q0 OK")) {
+        if (starts_with(p, len, "* OK")) {
+            /* Dovecot under load says "* OK Waiting for authentication
+             * process to respond.." first; the greeting proper follows. */
+            size_t skip = len > 4 && p[4] == ' ' ? 5 : 4;
+            s->up_had_caps = false;
+            keep_greeting(s, p + skip, len - skip);
+        } else if (starts_with(p, len, "Q0 OK")) {
             opening_start_tls(s);
         } else if (starts_with(p, len, "Q0 ")) {
             opening_failed(s, "upstream refused STARTTLS", p, len);

@@ -158,6 +158,11 @@ class Client:
         if tls:
             self.s = (ctx or client_ctx()).wrap_socket(self.raw, server_hostname=hostname)
         self.greeting = self.line() if greeting else None
+        # Dovecot under load first says "* OK Waiting for authentication
+        # process to respond.."; the greeting proper follows.
+        while self.greeting is not None and self.greeting.startswith(
+                b"* OK Waiting for authentication"):
+            self.greeting = self.line()
 
     def send(self, data):
         self.s.sendall(data if isinstance(data, bytes) else data.encode())
@@ -779,6 +784,36 @@ def p2_client_commands_wait_until_the_upstream_tls_is_up():
         assert c.line() == b"b OK fake CHECK"
         assert c.line() == b"c OK fake LOGOUT"
         assert seen == [b"Q0 STARTTLS", b"Q1 NOOP", b"Q2 CHECK", b"Q3 LOGOUT"], seen
+        c.close()
+    finally:
+        p.stop()
+        fake.close()
+    assert not fake.errors, fake.errors
+
+
+@test
+def p2_upstream_starttls_waiting_line_before_the_greeting():
+    """Dovecot under load: "* OK Waiting for authentication process..."
+    first, the greeting proper later; the client's greeting is the latter's
+    text, with the capabilities asked through TLS."""
+    def script(fake, conn):
+        conn.sendall(b"* OK Waiting for authentication process to respond..\r\n")
+        time.sleep(0.2)
+        conn.sendall(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] fake ready\r\n")
+        line, rest = read_line(conn, b"")
+        assert line == b"Q0 STARTTLS", line
+        conn.sendall(b"Q0 OK Begin TLS\r\n")
+        tls = server_ctx().wrap_socket(conn, server_side=True)
+        line, rest = read_line(tls, b"")
+        assert line == b"Q0 CAPABILITY", line
+        tls.sendall(b"* CAPABILITY IMAP4rev1 AUTH=PLAIN\r\nQ0 OK done\r\n")
+        serve_commands(tls, rest)
+    fake = FakeUpstream(script)
+    p = Proxy(upstream=upstream_tls("starttls", port=fake.port))
+    try:
+        c = Client(p.port, tls=True, greeting=False)
+        assert c.line() == b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] fake ready"
+        assert c.cmd("a", "NOOP") == [b"a OK fake done"]
         c.close()
     finally:
         p.stop()
