@@ -113,6 +113,7 @@ struct cs_fetch {
 };
 
 static void sync_fetch_changed(struct sess *s);
+static void deferred_answer(struct sess *s, const char *text);
 static void sync_upgrade_done(struct sess *s, uint64_t highest);
 static void sync_upgrade_start(struct sess *s);
 static void cs_fetch_free(struct sync *y);
@@ -363,15 +364,8 @@ static void sync_observe(struct sess *s, bool is_ok)
         if (y->is_for_fetch) {
             /* A conditional STORE or SEARCH MODSEQ cannot be answered from
              * an incomplete view (inv. 4): the client may try again. */
-            struct cs_fetch *f = y->fetch;
             snap_reset(sn);
-            cmd_local_answer(s, f->tag, f->tag_len,
-                             "NO [UNAVAILABLE] The mailbox changed meanwhile, try again");
-            if (f->is_store)
-                sync_store_unlease(s);
-            cs_fetch_free(y);
-            sess_release(&s->up);
-            sess_release(&s->cli);
+            deferred_answer(s, "NO [UNAVAILABLE] The mailbox changed meanwhile, try again");
             return;
         }
         sync_nomodseq(s, "incomplete snapshot");
@@ -624,6 +618,42 @@ static void cs_fetch_free(struct sync *y)
     y->fetch = NULL;
 }
 
+/* File f as the session's deferred command (CHANGEDSINCE, SEARCH MODSEQ,
+ * UNCHANGEDSINCE) under the current line's tag. Nothing the client sent
+ * later runs first, and the refresh waits for the commands before it,
+ * whose data must reach the client untouched by the proxy's own. */
+static void deferred_start(struct sess *s, struct cs_fetch *f)
+{
+    f->tag = xmemdup(s->tag, s->tag_len);
+    f->tag_len = s->tag_len;
+    s->sync->fetch = f;
+    sess_hold(&s->cli);
+    if (s->head == NULL)
+        sync_begin(s);
+    else
+        f->is_waiting = true;
+}
+
+/* The deferred command went upstream or was answered: both sides go on. */
+static void deferred_done(struct sess *s)
+{
+    cs_fetch_free(s->sync);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+/* Answer the deferred command here with text (its store lease, if any, is
+ * given back) and go on. */
+static void deferred_answer(struct sess *s, const char *text)
+{
+    struct cs_fetch *f = s->sync->fetch;
+
+    cmd_local_answer(s, f->tag, f->tag_len, text);
+    if (f->is_store)
+        sync_store_unlease(s);
+    deferred_done(s);
+}
+
 /* The refresh: the session's own snapshot of the selected mailbox. */
 static void sync_start_refresh(struct sess *s)
 {
@@ -719,16 +749,7 @@ int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t
     f->since = since;
     f->set = uids;
     f->items = xmemdup(items, items_len);
-    f->tag = xmemdup(s->tag, s->tag_len);
-    f->tag_len = s->tag_len;
-    y->fetch = f;
-    /* Nothing the client sent later runs first; and the snapshot waits for
-     * the commands before it, whose FETCH data must reach the client. */
-    sess_hold(&s->cli);
-    if (s->head == NULL)
-        sync_begin(s);
-    else
-        f->is_waiting = true;
+    deferred_start(s, f);
     return 0;
 }
 
@@ -764,9 +785,7 @@ static void sync_fetch_send(struct sess *s, const char *subset)
         y->is_filtering = true;
         buf_fini(&line);
     }
-    cs_fetch_free(y);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    deferred_done(s);
 }
 
 /* SEARCH MODSEQ (CS-60): each MODSEQ key becomes `UID <set>` of the
@@ -815,9 +834,7 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
     y->search_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
     y->search_is_uid = f->is_uid;
     buf_fini(&line);
-    cs_fetch_free(y);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    deferred_done(s);
 }
 
 bool sync_search_modseq(struct sess *s, bool is_uid, const char *line, size_t len,
@@ -842,14 +859,7 @@ bool sync_search_modseq(struct sess *s, bool is_uid, const char *line, size_t le
             f->since = n[k] == 0 ? 0 : n[k] - 1;
     }
     f->n_keys = n_keys;
-    f->tag = xmemdup(s->tag, s->tag_len);
-    f->tag_len = s->tag_len;
-    y->fetch = f;
-    sess_hold(&s->cli);
-    if (s->head == NULL)
-        sync_begin(s);
-    else
-        f->is_waiting = true;
+    deferred_start(s, f);
     return true;
 }
 
@@ -1012,7 +1022,6 @@ static void on_store_lease(void *arg, int err, const struct store_lease_result *
 {
     struct sess *s = arg;
     struct sync *y = s->sync;
-    struct cs_fetch *f = y->fetch;
 
     y->req = NULL;
     if (s->is_closing)
@@ -1022,11 +1031,7 @@ static void on_store_lease(void *arg, int err, const struct store_lease_result *
         return;
     }
     if (!res->is_held) {
-        cmd_local_answer(s, f->tag, f->tag_len,
-                         "NO [INUSE] Another conditional STORE on this mailbox, try again");
-        cs_fetch_free(y);
-        sess_release(&s->up);
-        sess_release(&s->cli);
+        deferred_answer(s, "NO [INUSE] Another conditional STORE on this mailbox, try again");
         return;
     }
     y->store_lease = res->lease;
@@ -1079,14 +1084,7 @@ int sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size
     f->set = uids;
     f->item = xmemdup(item, item_len);
     f->value = xmemdup(value, value_len);
-    f->tag = xmemdup(s->tag, s->tag_len);
-    f->tag_len = s->tag_len;
-    y->fetch = f;
-    sess_hold(&s->cli);
-    if (s->head == NULL)
-        sync_begin(s);
-    else
-        f->is_waiting = true;
+    deferred_start(s, f);
     return 0;
 }
 
@@ -1145,16 +1143,12 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
             size_t tl = strlen(fail_text) + 48;
             char *text = xmalloc(tl);
             snprintf(text, tl, "OK [MODIFIED %s] Conditional STORE failed", fail_text);
-            cmd_local_answer(s, f->tag, f->tag_len, text);
+            deferred_answer(s, text);
             free(text);
         } else {
-            cmd_local_answer(s, f->tag, f->tag_len, "OK STORE completed");
+            deferred_answer(s, "OK STORE completed");
         }
         free(fail_text);
-        cs_fetch_free(y);
-        sync_store_unlease(s);
-        sess_release(&s->up);
-        sess_release(&s->cli);
         return;
     }
     struct buf line = {0};
@@ -1176,9 +1170,7 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
     free(y->modified);
     y->modified = fail_text;
     buf_fini(&line);
-    cs_fetch_free(y);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    deferred_done(s);
 }
 
 /* The state is fresh and the lease held: look up the addressed messages'
@@ -1211,11 +1203,7 @@ static void sync_store_split(struct sess *s)
     }
     seqset_fini(&want);
     if (rc < 0) {
-        cmd_local_answer(s, f->tag, f->tag_len, "BAD Invalid message set");
-        cs_fetch_free(y);
-        sync_store_unlease(s);
-        sess_release(&s->up);
-        sess_release(&s->cli);
+        deferred_answer(s, "BAD Invalid message set");
         return;
     }
     rc = store_modseqs(y->mb, y->targets, y->n_targets, on_store_modseqs, s, &y->req);
