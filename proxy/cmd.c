@@ -331,6 +331,8 @@ static struct pending *cmd_send(struct sess *s, enum cmd_kind kind, struct buf_c
                                 const char *p1, size_t n1, const char *p2, size_t n2)
 {
     struct pending *p = pending_add(s, kind, s->tag, s->tag_len);
+    /* FETCH/STORE by numbers (CS-66); the UID forms never go here. */
+    p->no_expunge = (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "STORE") == 0);
     p->up_tag = ++s->next_tag;
     s->cur = p;
     s->cur_started = true;
@@ -989,6 +991,79 @@ static bool cmd_needs_tracking(struct sess *s, const char *b, size_t len)
     return false;
 }
 
+static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
+                           bool ended_in_literal);
+
+/* RFC 3501 §7.4.1, QR-42: a FETCH, STORE or SEARCH by message numbers, or
+ * a UID SEARCH (its criteria may hold message numbers), during which no
+ * expunge may be told to the client. */
+static bool cmd_forbids_expunge(const struct sess *s, const char *b, size_t len)
+{
+    if (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "STORE") == 0 ||
+        strcmp(s->name, "SEARCH") == 0)
+        return true;
+    return strcmp(s->name, "UID") == 0 && cmd_word2_is(s, b, len, "SEARCH");
+}
+
+/* Keys whose argument is a number, never a message set. */
+static bool search_key_takes_number(const char *b, const struct ltok *t)
+{
+    return ltok_is(b, t, "LARGER") || ltok_is(b, t, "SMALLER") || ltok_is(b, t, "UID") ||
+           ltok_is(b, t, "MODSEQ") || ltok_is(b, t, "OLDER") || ltok_is(b, t, "YOUNGER");
+}
+
+static bool looks_like_set(const char *b, const struct ltok *t)
+{
+    if (t->kind != TOK_ATOM && t->kind != TOK_NUMBER)
+        return false;
+    for (size_t i = t->from; i < t->to; i++) {
+        if (!((b[i] >= '0' && b[i] <= '9') || b[i] == ':' || b[i] == ',' || b[i] == '*'))
+            return false;
+    }
+    return true;
+}
+
+/* CS-66: while expunges are held back, the client's message numbers are
+ * not the upstream's: a FETCH/STORE/COPY/MOVE set and the message-set keys
+ * of SEARCH/UID SEARCH criteria are put in the upstream's numbers. Returns
+ * the new line in *out (0), 1 when the line needs nothing, or -1 when the
+ * set names only messages gone upstream (answered here). */
+static int cmd_translate(struct sess *s, const char *b, size_t len, struct buf *out)
+{
+    struct ltok tk[LTOK_MAX];
+    int n = cmd_line_tokens(s, b, len, tk);
+    bool is_uid = n > 2 && ltok_is(b, &tk[1], "UID");
+    int first = is_uid ? 3 : 2;
+    bool is_search = n > first && ltok_is(b, &tk[first - 1], "SEARCH");
+    bool is_set_cmd = !is_uid && n > 2 &&
+                      (ltok_is(b, &tk[1], "FETCH") || ltok_is(b, &tk[1], "STORE") ||
+                       ltok_is(b, &tk[1], "COPY") || ltok_is(b, &tk[1], "MOVE"));
+    size_t at = 0;
+    int rc = 0;
+
+    if (n < 0 || (!is_search && !is_set_cmd))
+        return 1;
+    for (int i = first; i < n && rc == 0; i++) {
+        if (is_set_cmd ? i != 2
+                       : (!looks_like_set(b, &tk[i]) || search_key_takes_number(b, &tk[i - 1])))
+            continue;
+        char *up = sync_to_up_set(s, b + tk[i].from, tk[i].to - tk[i].from);
+        if (up == NULL)
+            continue; /* not a set after all: the upstream judges it */
+        if (up[0] == '\0' && is_set_cmd) {
+            free(up);
+            return -1;
+        }
+        rc |= buf_append(out, b + at, tk[i].from - at, SIZE_MAX);
+        /* An empty message set inside criteria: matches nothing. */
+        rc |= buf_append(out, up[0] ? up : "NOT ALL", up[0] ? strlen(up) : 7, SIZE_MAX);
+        at = tk[i].to;
+        free(up);
+    }
+    rc |= buf_append(out, b + at, len - at, SIZE_MAX);
+    return rc == 0 ? 0 : 1;
+}
+
 /* The first segment of a client command: give it the proxy's tag and send
  * it upstream, or answer it here. */
 static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
@@ -1010,6 +1085,31 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         return;
     }
 
+    struct buf tr = {0};
+    if (sync_has_held(s) && !ended_in_literal) {
+        int trc = cmd_translate(s, b, len, &tr);
+        if (trc < 0) {
+            buf_fini(&tr);
+            cmd_refuse(s, "NO [EXPUNGEISSUED] The messages were expunged", false);
+            return;
+        }
+        if (trc == 0) {
+            c = NULL; /* the line is the translated copy from here on */
+            b = tr.p;
+            len = tr.len;
+        }
+    }
+    cmd_begin_line(s, c, b, len, ended_in_literal);
+    buf_fini(&tr);
+}
+
+/* cmd_begin for a line in the client's terms (or translated). */
+static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
+                           bool ended_in_literal)
+{
+    struct side *sd = &s->cli;
+
+    sync_command_starts(s, cmd_forbids_expunge(s, b, len));
     if (s->offers_condstore && sync_can_upgrade(s) && !ended_in_literal &&
         (cmd_needs_tracking(s, b, len) ||
          (strcmp(s->name, "ENABLE") == 0 && (s->en_condstore || s->en_qresync) &&
@@ -1063,6 +1163,8 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
     enum cmd_kind kind = cmd_kind_of(s->name);
     struct pending *p = pending_add(s, kind, s->tag, s->tag_len);
     p->is_select = is_select;
+    p->no_expunge = cmd_forbids_expunge(s, b, len);
+    p->is_seq_search = strcmp(s->name, "SEARCH") == 0;
     p->is_close = strcmp(s->name, "CLOSE") == 0 || strcmp(s->name, "UNSELECT") == 0;
     p->is_expunge = strcmp(s->name, "EXPUNGE") == 0 ||
                     (strcmp(s->name, "UID") == 0 && cmd_word2_is(s, b, len, "EXPUNGE"));

@@ -40,6 +40,7 @@ static void rsp_emit_head(struct sess *s, struct buf_chunk *c, const char *b, si
     size_t skip = 0;
 
     if (s->rl_kind == RL_TAGGED && !s->rl_tag_sent && s->rl_cmd != NULL) {
+        sync_before_tagged(s, s->rl_cmd); /* held expunges, where allowed */
         const char *code = sync_tagged_code(s, s->rl_cmd);
         skip = s->up.tag_end < len ? s->up.tag_end : len;
         size_t w = skip;
@@ -65,6 +66,19 @@ static void rsp_emit_head(struct sess *s, struct buf_chunk *c, const char *b, si
             sess_send(&s->cli, NULL, "]", 1);
             skip = w;
         }
+    }
+    if (s->rl_kind == RL_UNTAGGED && s->rl_has_num && !s->rl_renumbered && sync_has_held(s) &&
+        (strcmp(s->rl_word2, "FETCH") == 0 || strcmp(s->rl_word2, "EXISTS") == 0)) {
+        /* CS-66: expunges held back; the client's numbers lag behind. */
+        size_t end = sync_num_end(b, len);
+        if (end > 0) {
+            char head[24];
+            uint32_t n = sync_cli_number(s, s->rl_num, strcmp(s->rl_word2, "EXISTS") == 0);
+            int k = snprintf(head, sizeof(head), "* %u", n);
+            sess_send(&s->cli, NULL, head, (size_t)k);
+            skip = end;
+        }
+        s->rl_renumbered = true;
     }
     sess_send(&s->cli, c, b + skip, len - skip);
 }
@@ -149,7 +163,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
         s->rl_enrich = s->rl_search = s->rl_drop = false;
         s->rl_uidnext = s->rl_expunge = s->rl_vanished = false;
-        s->rl_stat = s->rl_stat_next = false;
+        s->rl_stat = s->rl_stat_next = s->rl_renumbered = false;
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)

@@ -42,13 +42,15 @@ struct pending {
     uint64_t up_tag; /* 0 for local answers */
     enum cmd_kind kind;
     bool is_done;
-    bool is_internal; /* the proxy's own command */
-    uint8_t en_adds;  /* ENABLE: EN_* names joining the upstream's ENABLED */
-    bool is_select;   /* SELECT/EXAMINE, plain or not */
-    bool is_close;    /* CLOSE/UNSELECT */
-    bool is_expunge;  /* EXPUNGE/UID EXPUNGE (QR-45, QR-46) */
-    bool is_closer;   /* the proxy's own close before a SELECT (QR-60) */
-    char *local;      /* local answer: whole line(s) to send, or NULL */
+    bool is_internal;   /* the proxy's own command */
+    uint8_t en_adds;    /* ENABLE: EN_* names joining the upstream's ENABLED */
+    bool is_select;     /* SELECT/EXAMINE, plain or not */
+    bool is_close;      /* CLOSE/UNSELECT */
+    bool is_expunge;    /* EXPUNGE/UID EXPUNGE (QR-45, QR-46) */
+    bool is_closer;     /* the proxy's own close before a SELECT (QR-60) */
+    bool no_expunge;    /* FETCH/STORE/SEARCH by numbers, UID SEARCH (CS-66) */
+    bool is_seq_search; /* SEARCH: its results are message numbers */
+    char *local;        /* local answer: whole line(s) to send, or NULL */
     size_t local_len;
     size_t tag_len;
     char tag[]; /* the client's tag */
@@ -153,12 +155,13 @@ struct sess {
     bool rl_swallow;   /* the line is the proxy's own data: not relayed */
     bool rl_uidvalidity;
     bool rl_uidnext;
-    bool rl_expunge;   /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
-    bool rl_vanished;  /* ...and was taken by proxy/sync.c */
-    bool rl_stat;      /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
-    bool rl_stat_next; /* its UIDNEXT's value comes next */
-    bool rl_enabled;   /* `* ENABLED` of a split ENABLE */
-    bool rl_enrich;    /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
+    bool rl_expunge;    /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
+    bool rl_vanished;   /* ...and was taken by proxy/sync.c */
+    bool rl_stat;       /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
+    bool rl_renumbered; /* the line's number was put in the client's terms */
+    bool rl_stat_next;  /* its UIDNEXT's value comes next */
+    bool rl_enabled;    /* `* ENABLED` of a split ENABLE */
+    bool rl_enrich;     /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
     bool fp_has_flags;
     bool rl_search; /* `* SEARCH` of a SEARCH MODSEQ (CS-61) */
     bool rl_drop;   /* the upstream's own HIGHESTMODSEQ/NOMODSEQ (X13) */

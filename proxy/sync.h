@@ -154,14 +154,40 @@ bool sync_swallows_status(const struct sess *s);
 /* `[UIDNEXT n]` seen on the upstream. */
 void sync_uidnext(struct sess *s, uint32_t v);
 
-/* True when the upstream's `* n EXPUNGE` becomes `* VANISHED uid` (QR-40:
- * QRESYNC enabled, the mailbox tracked). */
+/* True when the upstream's `* n EXPUNGE` is the proxy's business: the
+ * mailbox is tracked for a CONDSTORE-aware session. */
 bool sync_vanishes(const struct sess *s);
 
-/* The upstream's `* seq EXPUNGE`: recorded in the store, sent as VANISHED
- * (both sides wait meanwhile), the map updated. Returns false when it is
- * to be relayed as it came (UID not known). */
+/* The upstream's `* seq EXPUNGE`: the map updated, recorded in the store
+ * (both sides wait meanwhile), then told as `* VANISHED uid` under QRESYNC
+ * (QR-40) or as EXPUNGE in the client's numbering, or held back while the
+ * client may not hear of it (CS-66, QR-42; proxy/cview.h). Returns false
+ * when it is to be relayed as it came (UID not known). */
 bool sync_vanish_line(struct sess *s, uint32_t seq);
+
+/* Expunges are held back from the client (its numbering lags). */
+bool sync_has_held(const struct sess *s);
+
+/* The tagged completion of the client's command p is about to be sent:
+ * held expunges are told first where p allows. */
+void sync_before_tagged(struct sess *s, const struct pending *p);
+
+/* A client command is about to go upstream (forbids_expunge: a FETCH,
+ * STORE or SEARCH by message numbers, or a UID SEARCH). */
+void sync_command_starts(struct sess *s, bool forbids_expunge);
+
+/* A client's message-number set set[0..len) in the upstream's numbers
+ * while expunges are held (CS-66): the held messages dropped. Returns a
+ * malloc'ed text, "" when no message is left, NULL for an invalid set. */
+char *sync_to_up_set(const struct sess *s, const char *set, size_t len);
+
+/* The end of "* <number>" at the start of an untagged line b[0..len), or
+ * 0 when it does not start so. */
+size_t sync_num_end(const char *b, size_t len);
+
+/* The client's number for the upstream's message number n of a FETCH
+ * (or its message count for an EXISTS) while expunges are held. */
+uint32_t sync_cli_number(const struct sess *s, uint32_t up_n, bool is_exists);
 
 /* CS-23, EN-06: the mailbox was selected without CONDSTORE and this is
  * the first enabling command: true when sync_upgrade can take it. */

@@ -602,6 +602,51 @@ def en06_enable_qresync_while_selected_then_expunge_is_vanished(up):
         p.stop()
 
 
+@both
+def qr42_cs66_expunge_found_during_a_numbered_command_is_held_and_numbers_stay(up):
+    """PITFALLS 7: the refresh of a FETCH (CHANGEDSINCE) by message numbers
+    makes the upstream report another session's expunge. The client hears
+    nothing of it during the FETCH, SEARCH or STORE that follow, its
+    message numbers keep meaning what they meant (the proxy translates),
+    and the next NOOP tells it: VANISHED under QRESYNC, EXPUNGE with the
+    right number under CONDSTORE."""
+    for qresync in (True, False):
+        mbox = new_mailbox(up, 6)
+        p = proxy(up)
+        try:
+            c = session(p)
+            if qresync:
+                ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+            h0 = highest(ok(c.cmd("s", "SELECT %s (CONDSTORE)" % mbox), "s"))
+            oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)", "UID STORE 2 +FLAGS (\\Deleted)",
+                "EXPUNGE")
+            lines = ok(c.cmd("f", "FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % h0), "f")
+            assert not any(b"VANISHED" in l or b"EXPUNGE" in l for l in lines), lines
+            f = fetches(lines)
+            assert 4 in f and f[4][0] == 4, ("the client's number for UID 4", lines)
+            # Still the client's numbering: 3 is UID 3, 6 is UID 6.
+            lines = ok(c.cmd("g", "FETCH 3,6 (UID FLAGS)"), "g")
+            assert {u: v[0] for u, v in fetches(lines).items()} == {3: 3, 6: 6}, lines
+            assert not any(b"VANISHED" in l or b"EXPUNGE" in l for l in lines), lines
+            lines = ok(c.cmd("q", "SEARCH 2:6 SEEN"), "q")
+            assert lines[0] == b"* SEARCH 4", lines
+            lines = ok(c.cmd("t", "STORE 5 +FLAGS (\\Answered)"), "t")
+            assert fetches(lines)[5][0] == 5, lines
+            lines = c.cmd("x", "FETCH 2 (FLAGS)")
+            assert not any(re.match(rb"\* 2 FETCH", l) for l in lines[:-1]), lines
+            # A command that may hear of it: NOOP.
+            lines = ok(c.cmd("n", "NOOP"), "n")
+            if qresync:
+                assert b"* VANISHED 2" in lines, lines
+            else:
+                assert b"* 2 EXPUNGE" in lines, lines
+            lines = ok(c.cmd("h", "FETCH 2 (UID)"), "h")
+            assert b"UID 3" in lines[0], lines
+            c.cmd("z", "LOGOUT")
+        finally:
+            p.stop()
+
+
 @test
 def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
     port = pb.free_port()
