@@ -11,6 +11,7 @@
 #include "proxy/cap.h"
 #include "proxy/cmd.h"
 #include "proxy/sess_tls.h"
+#include "proxy/side.h"
 #include "proxy/sync.h"
 #include "state/store.h"
 
@@ -135,6 +136,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         s->rl_cap = s->rl_code = s->rl_tag_sent = false;
         s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
         s->rl_enrich = s->rl_search = s->rl_drop = false;
+        s->rl_status_line = false; /* proxy/side.h */
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)
@@ -177,6 +179,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
             s->rl_cap = true;
         } else if (word_is(ev->data, ev->len, "SEARCH") && sync_search_pending(s)) {
             s->rl_search = true; /* held to its end: gets (MODSEQ m), CS-61 */
+        } else if (word_is(ev->data, ev->len, "STATUS") && side_status_wants_line(s)) {
+            s->rl_status_line = true; /* held to its end: gets HIGHESTMODSEQ (CS-70) */
         } else if (word_is(ev->data, ev->len, "ENABLED") && rsp_enable_merge(s) != NULL) {
             s->rl_enabled = true; /* held to its end: CONDSTORE joins it (X1) */
         } else if (!is_status_word(ev->data, ev->len)) {
@@ -268,6 +272,7 @@ static void rsp_line_done(struct sess *s)
             free(s->user);
             s->user = s->user_cand; /* LOGIN's, or AUTHENTICATE PLAIN's */
             s->user_cand = NULL;
+            side_login_accepted(s); /* its password, for side connections */
             struct log_line l;
             log_begin(&l, LOG_INFO, "session.login");
             log_hex(&l, "sid", s->id);
@@ -280,6 +285,7 @@ static void rsp_line_done(struct sess *s)
         p->is_done = true;
         if (p->kind == CMD_SELECT || p->kind == CMD_INTERNAL || p->kind == CMD_OTHER)
             sync_completed(s, p, ok);
+        side_status_completed(s, p, ok);
         cmd_pending_retire(s);
     } else if (s->rl_kind == RL_TAGGED) {
         struct log_line l;
@@ -327,6 +333,8 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
                 sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,
                                  s->fp_flags.len))) {
         /* held for its MODSEQ (proxy/sync.c) */
+    } else if (is_eol && s->rl_status_line && side_status_line(s, b, len)) {
+        /* STATUS HIGHESTMODSEQ (proxy/side.h) */
     } else if (is_eol && s->rl_search && sync_search_line(s, b, len)) {
         /* held for its MODSEQ */
     } else if (is_eol && s->rl_enabled) {

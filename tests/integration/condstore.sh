@@ -13,4 +13,6 @@ start_redis
 start_dovecot
 start_courier
 export DOVECOT_PORT DOVECOT_PID DOVECOT_MAILDIR COURIER_PORT REDIS_PORT REDIS_PID QR_TMP QR_USER QR_PASS
-python3 tests/integration/condstore.py "$@"
+rc=0
+python3 tests/integration/condstore.py "$@" || rc=1
+python3 tests/integration/status.py "$@" || rc=1; exit $rc
