@@ -195,7 +195,7 @@ static void conn_command(struct side_conn *sc, enum side_kind k, const char *res
     side_log_command(sc, k);
     conn_write(sc, tag, (size_t)n, rest, len);
     /* A command that never completes is a lost connection. */
-    if (!sc->is_closing)
+    if (!sc->is_closing && sc->phase != SP_REFUSED)
         uv_timer_start(&sc->timer, on_side_timer, k == SK_LOGOUT ? SIDE_BYE_MS : SIDE_CMD_MS, 0);
 }
 
@@ -831,8 +831,8 @@ static struct side_conn *conn_new(struct sess *s)
     return sc;
 }
 
-int side_request(struct sess *s, const char *mbox, size_t len, side_done_cb *cb, void *arg,
-                 struct side_req **req_out)
+void side_request(struct sess *s, const char *mbox, size_t len, side_done_cb *cb, void *arg,
+                  struct side_req **req_out)
 {
     struct side_conn *sc = side_pool;
 
@@ -857,7 +857,6 @@ int side_request(struct sess *s, const char *mbox, size_t len, side_done_cb *cb,
         conn_next(sc);
     if (sc->phase == SP_REFUSED)
         uv_timer_start(&sc->kick, on_side_kick, 0, 0);
-    return 0;
 }
 
 void side_req_cancel(struct side_req **reqp)
@@ -1061,8 +1060,7 @@ void side_status_start(struct sess *s, struct side_status *st)
 {
     status_free(&s->status);
     s->status = st;
-    if (side_request(s, st->mbox, st->mbox_len, on_status_side, s, &st->req) < 0)
-        status_no(s, "NO [UNAVAILABLE] HIGHESTMODSEQ is not available now");
+    side_request(s, st->mbox, st->mbox_len, on_status_side, s, &st->req);
 }
 
 bool side_status_wants_line(const struct sess *s)
@@ -1079,6 +1077,16 @@ bool side_status_wants_line(const struct sess *s)
     return true;
 }
 
+/* Whether b[0..len) holds w[0..wlen), any case (INBOX). */
+static bool mentions(const char *b, size_t len, const char *w, size_t wlen)
+{
+    for (size_t i = 0; i + wlen <= len; i++) {
+        if (strncasecmp(b + i, w, wlen) == 0)
+            return true;
+    }
+    return false;
+}
+
 bool side_status_line(struct sess *s, const char *b, size_t len)
 {
     struct side_status *st = s->status;
@@ -1093,6 +1101,8 @@ bool side_status_line(struct sess *s, const char *b, size_t len)
     size_t open = close;
     while (open > 0 && b[open] != '(')
         open--;
+    if (!mentions(b, open, st->mbox, st->mbox_len))
+        return false; /* another mailbox's (unsolicited): relayed as it is */
     if (st->internal != NULL) {
         /* The proxy's own: read UIDVALIDITY, relay nothing. */
         for (size_t i = open; i + 12 < close; i++) {

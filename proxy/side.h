@@ -66,10 +66,12 @@ struct side_conn; /* one side connection */
 typedef void side_done_cb(void *arg, int err, uint64_t highest, const char *why);
 
 /* Queue a request for mailbox mbox[0..len) (as the client sent it,
- * unquoted) of the session's user. Calls back exactly once, later, from
- * the loop, unless cancelled. Returns 0 and *req_out. */
-QR_MUST_CHECK int side_request(struct sess *s, const char *mbox, size_t len, side_done_cb *cb,
-                               void *arg, struct side_req **req_out);
+ * unquoted) of the session's user (s->user: not NULL). Calls back exactly
+ * once, later, from the loop (never from inside this call), unless
+ * cancelled; *req_out is the request until then (set to NULL when its
+ * callback runs). */
+void side_request(struct sess *s, const char *mbox, size_t len, side_done_cb *cb, void *arg,
+                  struct side_req **req_out);
 
 /* Detach a request: its callback never runs. NULL *reqp ignored. */
 void side_req_cancel(struct side_req **reqp);
