@@ -12,6 +12,7 @@
 #include "proxy/outq.h"
 #include "proxy/rsp.h"
 #include "proxy/sess_tls.h"
+#include "proxy/side.h"
 #include "proxy/sync.h"
 #include "proxy/sess_types.h"
 
@@ -471,6 +472,7 @@ static void on_handle_closed(uv_handle_t *h)
     buf_fini(&s->en_other);
     buf_fini(&s->fp_flags);
     sync_fini(s);
+    side_sess_fini(s);
     sess_tls_fini(s);
     free(s);
     ctx->n_alloc--;
@@ -782,6 +784,7 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server, enum sess_listen kin
 void sess_shutdown_all(struct sess_ctx *ctx)
 {
     ctx->is_shutting_down = true;
+    side_pool_shutdown();
     for (struct sess *s = ctx->all, *next; s != NULL; s = next) {
         next = s->next;
         if (s->is_draining)
