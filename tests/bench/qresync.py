@@ -6,10 +6,12 @@ only).
 Run by tests/bench/qresync.sh, which generates the mailbox, starts the
 servers and sets in the environment:
 
-  QB_COURIER_PORT  Courier-IMAP (no CONDSTORE/QRESYNC): the legacy upstream
-  QB_IMAPC_PORT    Dovecot, imapc storage in front of QB_COURIER_PORT
+  QB_UPSTREAM_PORT the legacy upstream (no CONDSTORE/QRESYNC): Courier-IMAP,
+                   or a Dovecot with them hidden (BENCH_QR_UPSTREAM=dovecot)
+  QB_UPSTREAM      its name in the report ("Courier", "Dovecot legacy")
+  QB_IMAPC_PORT    Dovecot, imapc storage in front of QB_UPSTREAM_PORT
   QB_NATIVE_PORT   Dovecot with its own copy of the Maildir, native QRESYNC
-  QB_PROXY_PORT    qresyncd --condstore in front of QB_COURIER_PORT
+  QB_PROXY_PORT    qresyncd --condstore in front of QB_UPSTREAM_PORT
   QB_PROXY_PID     its PID (its I/O and CPU per resync, from /proc)
   QB_REDIS_PID     its Redis's PID (CPU)
   QB_MSGS QB_RUNS QB_CHANGE_PCT QB_EXPUNGE_PCT QB_OUT (the markdown file)
@@ -25,7 +27,7 @@ builds Dovecot's index, for qresyncd its first snapshot.
 Each of QB_RUNS rounds then:
   1. opens one logged-in session per peer (ENABLE QRESYNC done; nothing
      selected) for the "reselect" figure;
-  2. changes the mailbox directly on Courier and, the same UIDs, on the
+  2. changes the mailbox directly on the upstream and, the same UIDs, on the
      native Dovecot, from a connection of its own: QB_CHANGE_PCT% of the
      live messages get \\Flagged toggled (UID STORE +FLAGS.SILENT or
      -FLAGS.SILENT), QB_EXPUNGE_PCT% others get \\Deleted and EXPUNGE;
@@ -66,7 +68,8 @@ from condstore_gen import UIDVALIDITY, flags_of
 from imapsess import (HMS_RE, UID_RE, Conn, cpu_ns, errors, fetches, proc_io, say,
                       wrong)
 
-PORTS = {"legacy": int(os.environ["QB_COURIER_PORT"]), "imapc": int(os.environ["QB_IMAPC_PORT"]),
+UP = os.environ.get("QB_UPSTREAM", "Courier")
+PORTS = {"legacy": int(os.environ["QB_UPSTREAM_PORT"]), "imapc": int(os.environ["QB_IMAPC_PORT"]),
          "native": int(os.environ["QB_NATIVE_PORT"]), "qresyncd": int(os.environ["QB_PROXY_PORT"])}
 PROXY_PID = int(os.environ["QB_PROXY_PID"])
 REDIS_PID = int(os.environ["QB_REDIS_PID"])
@@ -114,7 +117,7 @@ def clean(flags):
 
 
 class Truth:
-    """What Courier holds: live UIDs and their flags."""
+    """What the upstream holds: live UIDs and their flags."""
 
     def __init__(self):
         self.flags = {u: frozenset(LETTER[c] for c in flags_of(u)) for u in range(1, MSGS + 1)}
@@ -190,8 +193,8 @@ def check_legacy(who, lines, truth):
                  len(set(truth.flags) - set(got))))
     bad = [u for u in got if u in truth.flags and got[u] != truth.flags[u]]
     if bad:
-        wrong("%s: flags of %d UIDs differ from Courier's, e.g. UID %d: %r, want %r"
-              % (who, len(bad), bad[0], sorted(got[bad[0]]), sorted(truth.flags[bad[0]])))
+        wrong("%s: flags of %d UIDs differ from %s's, e.g. UID %d: %r, want %r"
+              % (who, len(bad), UP, bad[0], sorted(got[bad[0]]), sorted(truth.flags[bad[0]])))
     return len(got), 0
 
 
@@ -227,8 +230,8 @@ def check_qresync(who, lines, since, truth, changed, expunged, tags):
         if ms <= since:
             wrong("%s: MODSEQ %d not above %d: %r" % (who, ms, since, raw))
     if bad:
-        wrong("%s: %d FETCH lines with flags other than Courier's, e.g. %r" % (who, len(bad),
-                                                                               bad[0]))
+        wrong("%s: %d FETCH lines with flags other than %s's, e.g. %r" % (who, len(bad), UP,
+                                                                          bad[0]))
     if changed - seen:
         wrong("%s: no FETCH for %d changed UIDs, e.g. %s" % (who, len(changed - seen),
                                                              sorted(changed - seen)[:10]))
@@ -306,7 +309,7 @@ def main():
     truth = Truth()
     caps = {p: capabilities(p) for p in PORTS}
     if b"QRESYNC" in caps["legacy"] or b"CONDSTORE" in caps["legacy"]:
-        raise RuntimeError("Courier offers CONDSTORE or QRESYNC: %r" % caps["legacy"])
+        raise RuntimeError("%s offers CONDSTORE or QRESYNC: %r" % (UP, caps["legacy"]))
     for p in ("imapc", "native"):
         if b"QRESYNC" not in caps[p]:
             raise RuntimeError("%s: QRESYNC not offered after login: %r" % (p, caps[p]))
@@ -321,7 +324,7 @@ def main():
     check_legacy("legacy warm-up", s.resync(None, None), truth)
     s.c.close()
     warm = {"legacy": (None, s.t, None)}
-    say("  warm-up legacy (Courier's first SELECT + UID FETCH 1:* (FLAGS)): %.0f ms" % (1000 * s.t))
+    say("  warm-up legacy (%s's first SELECT + UID FETCH 1:* (FLAGS)): %.0f ms" % (UP, 1000 * s.t))
     state = {}
     for p in peers:
         io0, c0 = proc_io(PROXY_PID), cpu_ns(PROXY_PID)
@@ -349,7 +352,7 @@ def main():
         expunged = set(rng.sample(sorted(set(live) - changed), n_exp))
         add = {u for u in changed if b"\\Flagged" not in truth.flags[u]}
         remove = changed - add
-        change(PORTS["legacy"], "courier", add, remove, expunged)
+        change(PORTS["legacy"], "upstream", add, remove, expunged)
         change(PORTS["native"], "native", add, remove, expunged)
         for u in add:
             truth.flags[u] |= {b"\\Flagged"}
@@ -457,9 +460,9 @@ def write_report(M, peers, warm, n_change, n_exp, verdict):
     with open(OUT, "w") as f:
         w = f.write
         w("| measurement (%d messages; per round %d flags changed, %d expunged out of band; "
-          "median of %d) | legacy: `SELECT` + `UID FETCH 1:* (FLAGS)`, Courier direct | Dovecot "
-          "imapc → Courier, `SELECT (QRESYNC)` | Dovecot native QRESYNC | qresyncd → Courier, "
-          "`SELECT (QRESYNC)` | target |\n" % (MSGS, n_change, n_exp, RUNS))
+          "median of %d) | legacy: `SELECT` + `UID FETCH 1:* (FLAGS)`, %s direct | Dovecot "
+          "imapc → %s, `SELECT (QRESYNC)` | Dovecot native QRESYNC | qresyncd → %s, "
+          "`SELECT (QRESYNC)` | target |\n" % (MSGS, n_change, n_exp, RUNS, UP, UP, UP))
         w("| --- | ---: | ---: | ---: | ---: | --- |\n")
         w(row("bytes to the client after LOGIN, reconnect (ratio to legacy)", "reconnect", b_fmt,
               "qresyncd ≤ 0.02 of legacy (%s)" % vd("reconnect", 0)))
@@ -477,17 +480,18 @@ def write_report(M, peers, warm, n_change, n_exp, verdict):
             w("| qresyncd per resync, reconnect: read / wrote (all its sockets); CPU qresyncd / "
               "Redis | | | | %d B / %d B; %.0f ms / %.0f ms | |\n"
               % (px["rd"], px["wr"], px["cpu"], px["rcpu"]))
-        w("| warm-up, once: first `SELECT INBOX` (Courier's first scan; imapc's index build; "
+        w("| warm-up, once: first `SELECT INBOX` (the upstream's first scan; imapc's index build; "
           "qresyncd's first snapshot) / then `UID FETCH 1:* (FLAGS)` | %.0f ms (both) | %s | %s "
           "| %s | |\n" % (1000 * warm["legacy"][1],
                           *("%.0f ms / %.0f ms" % (1000 * warm[p][1], 1000 * warm[p][2])
                             if p in warm else "QRESYNC not offered"
                             for p in ("imapc", "native", "qresyncd"))))
         w("\nMeasured %s with `tests/bench/qresync.sh`: %d CPUs (%s, shared with other work: "
-          "times are noisy, bytes exact), loopback, %d messages (~300 B each), %s. imapc: "
+          "times are noisy, bytes exact), loopback, %d messages (~300 B each), upstream %s; %s. "
+          "imapc: "
           "`mail_location = imapc:~/imapc`, no `imapc_features`.\n"
           % (time.strftime("%Y-%m-%d", time.gmtime()), os.cpu_count(), os.uname().machine, MSGS,
-             os.environ.get("QB_VERSIONS", "?")))
+             UP, os.environ.get("QB_VERSIONS", "?")))
     say("wrote %s" % os.path.relpath(OUT))
 
 

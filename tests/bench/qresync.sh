@@ -46,6 +46,9 @@
 # build/bench/qresync.*.log. Knobs (environment):
 #   BENCH_QR_MSGS=100000 BENCH_QR_RUNS=3
 #   BENCH_QR_CHANGE_PCT=1 BENCH_QR_EXPUNGE_PCT=0.1
+#   BENCH_QR_UPSTREAM=courier  or dovecot: a Dovecot with CONDSTORE, QRESYNC
+#                             and ENABLE hidden (servers.sh's legacy list) as
+#                             the legacy upstream instead of Courier
 #   BENCH_QRESYNCD=PATH       the proxy binary (default ./qresyncd)
 #   BENCH_QRESYNCD_ARGS       extra qresyncd arguments
 set -euo pipefail
@@ -53,52 +56,67 @@ cd "$(dirname "$0")/../.."
 
 MSGS=${BENCH_QR_MSGS:-100000}
 RUNS=${BENCH_QR_RUNS:-3}
+UPSTREAM=${BENCH_QR_UPSTREAM:-courier}
 NAME=qresync
 # shellcheck source=tests/bench/resync_lib.sh
 source tests/bench/resync_lib.sh
 
 keep_logs() {
     rs_keep_log "${COURIER_DIR:-}/courier.log" courier
+    rs_keep_log "${LEGACY_DIR:-}/dovecot.log" dovecot-legacy
     rs_keep_log "${IMAPC_DIR:-}/dovecot.log" dovecot-imapc
     rs_keep_log "${NATIVE_DIR:-}/dovecot.log" dovecot-native
     rs_keep_log "${REDIS_DIR:-}/redis.log" redis
 }
 QR_CLEANUP_HOOKS="keep_logs $QR_CLEANUP_HOOKS"
-[ -x "$QR_COURIER_ROOT/root/usr/sbin/couriertcpd" ] ||
-    fail "Courier is not unpacked in $QR_COURIER_ROOT (deploy/fetch-courier.sh)"
+case $UPSTREAM in
+courier)
+    [ -x "$QR_COURIER_ROOT/root/usr/sbin/couriertcpd" ] ||
+        fail "Courier is not unpacked in $QR_COURIER_ROOT (deploy/fetch-courier.sh)"
+    ;;
+dovecot) ;;
+*) fail "BENCH_QR_UPSTREAM=$UPSTREAM: courier or dovecot" ;;
+esac
 
 rs_generate "$MSGS"
 
 start_redis
-start_courier
+DOVECOT_VERSION=$(dovecot --version | cut -d' ' -f1)
+if [ "$UPSTREAM" = courier ]; then
+    start_courier
+    UP_PORT=$COURIER_PORT UP_PID=$COURIER_PID
+    # deploy/fetch-courier.sh's stamp lists the unpacked packages' versions.
+    UP_NAME=Courier UP_VERSION="Courier-IMAP $(sed -n 's/^courier-imap=//p' "$QR_COURIER_ROOT/.stamp" 2>/dev/null || true), "
+else
+    start_dovecot # servers.sh's legacy capability list: no CONDSTORE/QRESYNC/ENABLE
+    UP_PORT=$DOVECOT_PORT UP_PID=$DOVECOT_PID LEGACY_DIR=$DOVECOT_DIR
+    UP_NAME="Dovecot legacy" UP_VERSION=
+fi
 QR_DOVECOT_CAPS=$BENCH_DOVECOT_NATIVE_CAPS start_dovecot
 NATIVE_PORT=$DOVECOT_PORT NATIVE_DIR=$DOVECOT_DIR NATIVE_PID=$DOVECOT_PID
 rm -rf "$QR_TMP/seed"
 unset QR_SEED_MAILDIR
 QR_DOVECOT_CAPS=$BENCH_DOVECOT_NATIVE_CAPS QR_DOVECOT_EXTRA_CONF="
-# tests/bench/qresync.sh: the imapc storage in front of Courier
+# tests/bench/qresync.sh: the imapc storage in front of the legacy upstream
 mail_location = imapc:~/imapc
 imapc_host = 127.0.0.1
-imapc_port = $COURIER_PORT
+imapc_port = $UP_PORT
 imapc_user = %u
 imapc_password = $QR_PASS
 imapc_features =
 " start_dovecot
 IMAPC_PORT=$DOVECOT_PORT IMAPC_DIR=$DOVECOT_DIR IMAPC_PID=$DOVECOT_PID
-DOVECOT_VERSION=$(dovecot --version | cut -d' ' -f1)
-# deploy/fetch-courier.sh's stamp lists the unpacked packages' versions.
-COURIER_VERSION=$(sed -n 's/^courier-imap=//p' "$QR_COURIER_ROOT/.stamp" 2>/dev/null || true)
-say "qresync: courier ${COURIER_VERSION:-?} 127.0.0.1:$COURIER_PORT (pid $COURIER_PID); dovecot $DOVECOT_VERSION native 127.0.0.1:$NATIVE_PORT (pid $NATIVE_PID), imapc 127.0.0.1:$IMAPC_PORT (pid $IMAPC_PID); redis 127.0.0.1:$REDIS_PORT (pid $REDIS_PID) ($(($(date +%s) - T0)) s)"
+say "qresync: upstream $UP_NAME 127.0.0.1:$UP_PORT (pid $UP_PID); dovecot $DOVECOT_VERSION native 127.0.0.1:$NATIVE_PORT (pid $NATIVE_PID), imapc 127.0.0.1:$IMAPC_PORT (pid $IMAPC_PID); redis 127.0.0.1:$REDIS_PORT (pid $REDIS_PID) ($(($(date +%s) - T0)) s)"
 
-rs_start_qresyncd "$COURIER_PORT"
+rs_start_qresyncd "$UP_PORT"
 say "qresync: qresyncd on 127.0.0.1:$PROXY_PORT (pid $PROXY_PID) $QRESYNCD --condstore ${QRESYNCD_ARGS[*]}"
 
 rc=0
-QB_COURIER_PORT=$COURIER_PORT QB_NATIVE_PORT=$NATIVE_PORT QB_IMAPC_PORT=$IMAPC_PORT \
+QB_UPSTREAM_PORT=$UP_PORT QB_UPSTREAM=$UP_NAME QB_NATIVE_PORT=$NATIVE_PORT QB_IMAPC_PORT=$IMAPC_PORT \
     QB_PROXY_PORT=$PROXY_PORT QB_PROXY_PID=$PROXY_PID QB_REDIS_PID=$REDIS_PID \
     QB_MSGS=$MSGS QB_RUNS=$RUNS QB_CHANGE_PCT=${BENCH_QR_CHANGE_PCT:-1} \
     QB_EXPUNGE_PCT=${BENCH_QR_EXPUNGE_PCT:-0.1} QB_OUT=$OUT/qresync.md \
-    QB_VERSIONS="Courier-IMAP ${COURIER_VERSION:-?}, Dovecot $DOVECOT_VERSION, Redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')" \
+    QB_VERSIONS="${UP_VERSION}Dovecot $DOVECOT_VERSION, Redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p')" \
     python3 tests/bench/qresync.py || rc=$?
 rs_check_qresyncd
 say "qresync: total $(($(date +%s) - T0)) s"
