@@ -26,6 +26,9 @@
 # QR_DOVECOT_SSL_CERT and QR_DOVECOT_SSL_KEY (PEM files) set, it also speaks
 # TLS: STARTTLS on DOVECOT_PORT and implicit TLS on DOVECOT_TLS_PORT
 # (plaintext auth stays allowed, so the plain port works as before).
+# QR_DOVECOT_EXTRA_CONF, when set, is appended to the config; a setting given
+# there again overrides the one above (Dovecot keeps the last), e.g.
+# mail_location for another storage backend.
 #
 # Courier-IMAP is not installed (it conflicts with dovecot-imapd): it is
 # unpacked by deploy/fetch-courier.sh into $QR_COURIER_ROOT and run inside a
@@ -241,6 +244,7 @@ service imap-login {
 service imap {
   process_limit = 500
 }
+${QR_DOVECOT_EXTRA_CONF:-}
 EOF
     dovecot -F -c "$d/dovecot.conf" >>"$d/dovecot.stderr" 2>&1 </dev/null &
     DOVECOT_PID=$!
