@@ -1018,7 +1018,7 @@ static bool cmd_status(struct sess *s, const char *b, size_t len, bool ended_in_
     buf_fini(&items);
     s->is_condstore = true; /* CS-20 */
     s->cur_started = true;
-    sess_hold(&s->cli); /* nothing overtakes it (FIFO order of answers) */
+    sess_hold(&s->cli, HOLD_STATUS); /* nothing overtakes it (FIFO order of answers) */
     side_status_start(s, st);
     return true;
 }

@@ -138,6 +138,9 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
             sess_tls_discard(sd, n - pos, "after STARTTLS in the same read");
             return;
         }
+        if (!is_cli && !sd->is_held && seg == p + pos && tok_at_line_start(&sd->tok) &&
+            sync_up_waits(s, p + pos, n - pos))
+            sess_hold(sd, HOLD_QUEUE); /* FETCH lines wait for their MODSEQ */
         if (sd->is_held && seg == p + pos) {
             /* Keep the rest for sess_release(); it is processed before
              * anything read later. */
@@ -234,18 +237,22 @@ void sess_flush(struct sess *s)
     side_flush(&s->up);
 }
 
-void sess_hold(struct side *sd)
+void sess_hold(struct side *sd, unsigned holder)
 {
+    sd->hold_mask |= (uint8_t)holder;
     sd->is_held = true;
     side_update_reading(sd);
 }
 
-void sess_release(struct side *sd)
+void sess_release(struct side *sd, unsigned holder)
 {
     struct sess *s = sd->s;
 
     if (s->is_closing)
         return;
+    sd->hold_mask &= (uint8_t)~holder;
+    if (sd->hold_mask != 0)
+        return; /* another holder still waits */
     sd->is_held = false;
     struct buf_chunk *c = sd->held_chunk;
     sd->held_chunk = NULL;

@@ -93,7 +93,8 @@ struct side {
     size_t ev_used;               /* bytes the last event consumed */
     /* Held by a stage (e.g. waiting for the state store): input is not
      * processed; what was read but not yet processed waits here. */
-    bool is_held;
+    bool is_held;                 /* some holder holds it (hold_mask) */
+    uint8_t hold_mask;            /* enum sess_holder bits */
     struct buf_chunk *held_chunk; /* one reference */
     uint32_t held_off;
     uint32_t held_len;

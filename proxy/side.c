@@ -918,7 +918,7 @@ static void status_free(struct side_status **stp)
 static void status_end(struct sess *s)
 {
     status_free(&s->status);
-    sess_release(&s->cli);
+    sess_release(&s->cli, HOLD_STATUS);
     sess_flush(s);
 }
 
