@@ -101,8 +101,11 @@ static const struct cfg_opt cfg_opts[] = {
     {"log-level", CFG_T_LEVEL, CFG_FIELD(log_level), 0, "info", 0, 0, 0, "LEVEL",
      "err, warn, info or debug"},
     {"condstore", CFG_T_BOOL, CFG_FIELD(condstore), 0, "no", 0, 0, 0, "BOOL",
-     "offer CONDSTORE (RFC 7162) to clients; needs redis. Work in progress: "
-     "ENABLE and SELECT/EXAMINE HIGHESTMODSEQ only, so off by default"},
+     "offer CONDSTORE and QRESYNC (RFC 7162) to clients; needs redis"},
+    {"max-tracked-messages", CFG_T_U64, CFG_FIELD(max_tracked_messages), 0, "1000000", 0,
+     UINT32_MAX, 0, "N",
+     "a mailbox with more messages is selected with NOMODSEQ (not tracked, no mod-sequences); "
+     "0: no limit"},
     {"tls-cert", CFG_T_STRS, CFG_FIELD(tls_cert), CFG_FIELD(n_tls_cert), NULL, 0, 0, 0, "FILE",
      "PEM certificate chain (leaf first) for listen-tls and STARTTLS; repeatable, paired with "
      "tls-key in order: a client's SNI name picks the pair naming it, the first is the default"},

@@ -1245,9 +1245,12 @@ static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, s
         /* No tracked selection to upgrade (none, or one the proxy cannot
          * key, CS-32): refused rather than passed to an upstream whose
          * answer would carry no (or foreign) modseqs. */
+        /* E6, CS-65, GEN-06: a NOMODSEQ mailbox, or none selected. */
         cmd_refuse(s,
-                   "NO [UNAVAILABLE] Select the mailbox with CONDSTORE (or after ENABLE "
-                   "CONDSTORE) to use mod-sequences",
+                   !s->is_selected   ? "BAD No mailbox selected"
+                   : s->is_condstore ? "BAD The mailbox has no mod-sequences (NOMODSEQ)"
+                                     : "NO [UNAVAILABLE] Select the mailbox with CONDSTORE (or "
+                                       "after ENABLE CONDSTORE) to use mod-sequences",
                    ended_in_literal);
         return;
     }

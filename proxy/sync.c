@@ -548,6 +548,11 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
             sync_nomodseq(s, "mailbox not keyed");
             return;
         }
+        uint64_t limit = s->ctx->cfg->max_tracked_messages;
+        if (limit != 0 && y->exists > limit) {
+            sync_nomodseq(s, "over max-tracked-messages"); /* CS-32, QR-34 */
+            return;
+        }
         y->phase = SEL_SNAPSHOT;
         if (y->uidnext == 0 && s->is_qresync) {
             /* Courier's SELECT has no [UIDNEXT] (RFC 3501 wants it); QRESYNC
@@ -1690,7 +1695,9 @@ static void sync_upgrade_start(struct sess *s)
 
     y->is_upgrade_waiting = false;
     y->is_upgrading = true;
+    uint64_t limit = s->ctx->cfg->max_tracked_messages;
     if (s->user == NULL || y->mailbox == NULL || y->uidvalidity == 0 ||
+        (limit != 0 && y->exists > limit) ||
         store_mbox_new(s->ctx->store, s->user, strlen(s->user), y->mailbox, y->mailbox_len,
                        y->uidvalidity, &y->mb) < 0) {
         y->phase = SEL_NONE;

@@ -649,6 +649,29 @@ def qr42_cs66_expunge_found_during_a_numbered_command_is_held_and_numbers_stay(u
             p.stop()
 
 
+@both
+def cs32_qr34_e6_mailbox_over_max_tracked_messages_is_nomodseq(up):
+    mbox = new_mailbox(up, 6)
+    p = proxy(up, "--max-tracked-messages", "5")
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = ok(c.cmd("s", "SELECT %s (QRESYNC (1 1 1:100))" % mbox), "s")
+        assert any(l.startswith(b"* OK [NOMODSEQ] ") for l in lines), lines
+        assert highest(lines) is None and not fetches(lines), lines
+        assert not any(b"VANISHED" in l for l in lines), "QR-34: the parameter is ignored"
+        for tag, cmd in (("f", "FETCH 1:* (FLAGS) (CHANGEDSINCE 1)"),
+                         ("q", "SEARCH MODSEQ 1"),
+                         ("t", "STORE 1 (UNCHANGEDSINCE 1) +FLAGS (\\Seen)")):
+            lines = c.cmd(tag, cmd)
+            assert lines[-1].startswith(tag.encode() + b" BAD"), ("E6", lines)
+        # A smaller mailbox in the same session is tracked.
+        small = new_mailbox(up, 3)
+        assert highest(ok(c.cmd("s2", "SELECT %s" % small), "s2")) is not None
+    finally:
+        p.stop()
+
+
 @test
 def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
     port = pb.free_port()
