@@ -102,6 +102,9 @@ static const struct cfg_opt cfg_opts[] = {
      "err, warn, info or debug"},
     {"condstore", CFG_T_BOOL, CFG_FIELD(condstore), 0, "no", 0, 0, 0, "BOOL",
      "offer CONDSTORE and QRESYNC (RFC 7162) to clients; needs redis"},
+    {"snapshot-freshness", CFG_T_DUR, CFG_FIELD(snapshot_freshness), 0, "0", 0, HOUR, 0, "DUR",
+     "a complete snapshot of a mailbox younger than this (taken by any session or process) is "
+     "used instead of asking the upstream again; 0: always ask"},
     {"max-tracked-messages", CFG_T_U64, CFG_FIELD(max_tracked_messages), 0, "1000000", 0,
      UINT32_MAX, 0, "N",
      "a mailbox with more messages is selected with NOMODSEQ (not tracked, no mod-sequences); "

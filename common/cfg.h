@@ -52,6 +52,8 @@
  *   log-level LEVEL       info          err|warn|info|debug
  *   condstore BOOL        no            offer CONDSTORE and QRESYNC; needs
  *                                       redis
+ *   snapshot-freshness DUR 0           [0, 1h] a complete snapshot younger
+ *                                       than this is reused; 0: off
  *   max-tracked-messages N  1000000     [0, 2^32-1] larger mailboxes get
  *                                       NOMODSEQ (CS-32); 0: no limit
  *   tls-cert FILE         repeatable, paired in order with tls-key FILE
@@ -143,6 +145,7 @@ struct cfg {
     enum log_level log_level;
     bool condstore;                /* offer CONDSTORE and QRESYNC; needs redis */
     uint64_t max_tracked_messages; /* larger mailboxes get NOMODSEQ; 0: no limit */
+    uint64_t snapshot_freshness;   /* seconds; 0: every refresh asks the upstream */
 
     /* TLS (proxy/tls.h). */
     char **tls_cert; /* n_tls_cert paths, paired with tls_key */

@@ -11,6 +11,7 @@
 #include "common/seqset.h"
 #include "proxy/cview.h"
 #include "proxy/msgmap.h"
+#include "state/clock.h"
 #include "state/store.h"
 
 enum sel_phase {
@@ -169,6 +170,11 @@ static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t
                         const uint32_t *expunged, size_t n_expunged, bool is_complete,
                         const struct store_info *info);
 static void sync_lookup(struct sess *s);
+static void sync_select_observed(struct sess *s, uint64_t highest);
+static void log_fresh(struct sess *s, const char *what);
+static void sync_refresh_upstream(struct sess *s);
+static void on_refresh_info(void *arg, int err, const struct store_info *info);
+static void sync_fetch_changed(struct sess *s);
 static void on_fetch_since(void *arg, int err, const struct store_msg *msgs, size_t n,
                            const uint32_t *expunged, size_t n_expunged, bool is_complete,
                            const struct store_info *info);
@@ -416,23 +422,87 @@ static void on_observed(void *arg, int err, const struct store_result *res)
         sync_fetch_changed(s);
         return;
     }
+    sync_select_observed(s, res->highest);
+}
+
+/* The selection's state is up to date in the store (its own snapshot, or
+ * a fresh one it reused): answer it. */
+static void sync_select_observed(struct sess *s, uint64_t highest)
+{
+    struct sync *y = s->sync;
+
     y->phase = SEL_DONE;
-    y->highest = res->highest;
+    y->highest = highest;
     if (y->is_upgrading) {
-        sync_upgrade_done(s, res->highest);
+        sync_upgrade_done(s, highest);
         return;
     }
     if (y->has_qr && y->qr.uidvalidity == y->uidvalidity) {
         /* QR-35: what changed since the client's modseq; QR-33: nothing
          * when UIDVALIDITY differs. QR-38: a modseq above HIGHESTMODSEQ is
          * one the proxy cannot vouch for: a full answer. */
-        uint64_t since = y->qr.modseq > res->highest ? 0 : y->qr.modseq;
+        uint64_t since = y->qr.modseq > highest ? 0 : y->qr.modseq;
         int rc = store_since(y->mb, since, on_qr_since, s, &y->req);
         if (rc < 0)
             sync_store_lost(s, rc);
         return;
     }
     sync_select_done(s);
+}
+
+/* A complete snapshot of this mailbox younger than snapshot-freshness
+ * (any session's, any process's) may stand for the session's own. */
+static bool sync_is_fresh(const struct sess *s, const struct store_info *info)
+{
+    uint64_t fresh = s->ctx->cfg->snapshot_freshness;
+    uint64_t now = clock_now_us();
+    return fresh != 0 && info->has_state && info->is_complete && info->snap_us != 0 &&
+           now >= info->snap_us && now - info->snap_us < fresh * 1000000u;
+}
+
+/* The fresh snapshot's messages: the session's map, when they are exactly
+ * the mailbox the upstream just described (as many as EXISTS, the same
+ * UIDNEXT: nothing came or went since, so the same UIDs); otherwise a
+ * snapshot of its own after all. */
+static void on_fresh_msgs(void *arg, int err, const struct store_msg *msgs, size_t n,
+                          const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    bool ok = n == y->exists && msgmap_is_complete(&y->map) == (n == 0);
+    for (size_t i = 0; ok && i < n; i++)
+        ok = msgmap_set(&y->map, (uint32_t)i + 1, msgs[i].uid) == 0;
+    if (!ok || !msgmap_is_complete(&y->map)) {
+        msgmap_clear(&y->map);
+        if (msgmap_exists(&y->map, y->exists) < 0) {
+            sess_fail(s, QR_ENOMEM, "message map");
+            return;
+        }
+        sync_snapshot_cmd(s);
+        return;
+    }
+    log_fresh(s, "select");
+    sync_select_observed(s, info->highest);
+}
+
+static void on_select_info(void *arg, int err, const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (sync_is_fresh(s, info) && info->n_msgs == y->exists && y->uidnext != 0 &&
+        info->uidnext == y->uidnext) {
+        int rc = store_changed(y->mb, 0, on_fresh_msgs, s, &y->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+        return;
+    }
+    sync_snapshot_cmd(s);
 }
 
 /* The CONDSTORE answer of a selection: HIGHESTMODSEQ (with what QRESYNC
@@ -498,8 +568,28 @@ static void sync_observe(struct sess *s, bool is_ok)
 /* The snapshot of a CONDSTORE selection (DESIGN inv. 4). */
 static void sync_select_snapshot(struct sess *s)
 {
-    s->sync->is_for_fetch = false;
-    sync_snapshot_cmd(s);
+    struct sync *y = s->sync;
+
+    y->is_for_fetch = false;
+    if (s->ctx->cfg->snapshot_freshness == 0) {
+        sync_snapshot_cmd(s);
+        return;
+    }
+    int rc = store_info(y->mb, on_select_info, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
+/* A fresh snapshot stood for the session's own (debug log). */
+static void log_fresh(struct sess *s, const char *what)
+{
+    if (!log_on(LOG_DEBUG))
+        return;
+    struct log_line l;
+    log_begin(&l, LOG_DEBUG, "sync.fresh_snapshot");
+    log_hex(&l, "sid", s->id);
+    log_str(&l, "for", what);
+    log_end(&l);
 }
 
 /* `STATUS "mbox" (UIDNEXT)` with the name quoted (RFC 3501 quoted). */
@@ -554,7 +644,7 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
             return;
         }
         y->phase = SEL_SNAPSHOT;
-        if (y->uidnext == 0 && s->is_qresync) {
+        if (y->uidnext == 0 && (s->is_qresync || s->ctx->cfg->snapshot_freshness != 0)) {
             /* Courier's SELECT has no [UIDNEXT] (RFC 3501 wants it); QRESYNC
              * needs it for VANISHED (QR-35, X5): asked with STATUS. */
             char *cmd = sync_status_cmd(y->mailbox, y->mailbox_len);
@@ -914,8 +1004,38 @@ static void sync_start_refresh(struct sess *s)
 
     y->fetch->is_waiting = false;
     y->n_sent = 0;
-    y->noop = cmd_internal(s, "NOOP");
+    if (s->ctx->cfg->snapshot_freshness != 0) {
+        int rc = store_info(y->mb, on_refresh_info, s, &y->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+        return;
+    }
+    sync_refresh_upstream(s);
+}
+
+/* The refresh from the upstream itself: NOOP, then the snapshot. */
+static void sync_refresh_upstream(struct sess *s)
+{
+    s->sync->noop = cmd_internal(s, "NOOP");
     sess_flush(s); /* also called from store callbacks, outside any read */
+}
+
+/* A fresh snapshot (snapshot-freshness) answers the question as it is. */
+static void on_refresh_info(void *arg, int err, const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (!sync_is_fresh(s, info)) {
+        sync_refresh_upstream(s);
+        return;
+    }
+    log_fresh(s, "refresh");
+    y->is_for_fetch = true;
+    y->highest = info->highest;
+    sync_fetch_changed(s);
 }
 
 /* `FETCH 1:* (UID FLAGS)`: by message numbers, so no expunge can come
@@ -931,6 +1051,7 @@ static void sync_snapshot_cmd(struct sess *s)
     }
     y->is_snapping = true;
     y->internal = cmd_internal(s, "FETCH 1:* (UID FLAGS)");
+    sess_flush(s); /* also called from store callbacks, outside any read */
 }
 
 static void sync_start_snapshot(struct sess *s)

@@ -72,6 +72,15 @@ def new_mailbox(up, n=8, flagged=()):
     return name
 
 
+def append(d, mbox, subject):
+    """APPEND one small message over the direct connection d."""
+    body = ("From: t@example.org\r\nSubject: %s\r\n\r\n%s\r\n" % (subject, subject)).encode()
+    d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
+    d.line()
+    d.send(body + b"\r\n")
+    ok(d.until_tag("a")[0], "a")
+
+
 def truth(up, mbox):
     """The upstream's own view: {uid: set of flags}, without \\Recent."""
     d = direct(up)
@@ -188,6 +197,13 @@ def session(p):
     return c
 
 
+def qsession(p):
+    """A logged-in client of p with QRESYNC enabled."""
+    c = session(p)
+    ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+    return c
+
+
 @both
 def qr01_qr02_qresync_condstore_enable_in_every_capability_list(up):
     p = proxy(up)
@@ -257,8 +273,7 @@ def qr30_x9_qresync_select_without_enable_is_bad_and_nothing_changes(up):
 def qr31_invalid_qresync_parameters_are_bad_e5_e14_uidvalidity_0_is_a_mismatch_x3(up):
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         for bad in ("(QRESYNC (1 2 1:*))", "(QRESYNC (1))", "(QRESYNC (x 1))",
                     "(QRESYNC (1 1) QRESYNC (1 1))", "(QRESYNC (1 1 1:5 (1:2 *)))",
                     "(QRESYNC (1 99999999999999999999))", "(QRESYNC 1 1)"):
@@ -278,8 +293,7 @@ def qr31_invalid_qresync_parameters_are_bad_e5_e14_uidvalidity_0_is_a_mismatch_x
 def qr33_uidvalidity_mismatch_gives_a_plain_condstore_select(up):
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("s", "SELECT INBOX (QRESYNC (12345 1 1:100))"), "s")
         assert highest(lines) is not None
         assert not any(b"VANISHED" in l for l in lines) and not fetches(lines), lines
@@ -292,8 +306,7 @@ def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
     mbox = new_mailbox(up, 10, flagged=(2,))
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         assert cache.highest and sorted(cache.msgs) == list(range(1, 11))
         c.cmd("z", "LOGOUT")
@@ -302,13 +315,8 @@ def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
         oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)", "UID STORE 2 -FLAGS (\\Flagged)",
             "UID STORE 3,10 +FLAGS (\\Deleted)", "EXPUNGE")
         d = direct(up)
-        body = b"From: t@example.org\r\nSubject: new\r\n\r\nnew\r\n"
-        d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
-        d.line()
-        d.send(body + b"\r\n")
-        ok(d.until_tag("a")[0], "a")
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        append(d, mbox, "new")
+        c = qsession(p)
         lines = cache.resync(c, "r", mbox)
         # QR-36: HIGHESTMODSEQ, then VANISHED (EARLIER), then FETCH, then OK.
         kinds = []
@@ -333,8 +341,7 @@ def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
             got = ok(c.cmd("q%d" % seq, "FETCH %d (UID)" % seq), "q%d" % seq)
             assert b"UID %d" % uid in got[0], (uid, seq, got)
         # Nothing changed since: an empty resync (QR-35).
-        c2 = session(p)
-        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        c2 = qsession(p)
         lines = cache.resync(c2, "r2", mbox)
         assert not vanished_earlier(lines) and not fetches(lines), lines
     finally:
@@ -346,14 +353,12 @@ def qr35_known_uids_restrict_the_answer(up):
     mbox = new_mailbox(up, 8)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         c.cmd("z", "LOGOUT")
         oob(up, mbox, "UID STORE 2,6 +FLAGS (\\Seen)", "UID STORE 3,7 +FLAGS (\\Deleted)",
             "EXPUNGE")
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d 1:4))" %
                          (mbox, cache.uidvalidity, cache.highest)), "r")
         assert vanished_earlier(lines) == {3}, lines
@@ -368,15 +373,13 @@ def inv4_qr22_qr38_redis_flushed_between_sessions_client_still_ends_exact(up):
     p = proxy(up)
     db = DB[up]
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         c.cmd("z", "LOGOUT")
         oob(up, mbox, "UID STORE 5 +FLAGS (\\Answered)", "UID STORE 6,10 +FLAGS (\\Deleted)",
             "EXPUNGE")
         assert "OK" in redis(db, "FLUSHDB")
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = cache.resync(c, "r", mbox)
         t = truth(up, mbox)
         assert {6, 10} <= vanished_earlier(lines), lines
@@ -394,14 +397,12 @@ def qr37_sequence_match_data_narrows_computed_vanished(up):
     p = proxy(up)
     db = DB[up]
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         c.cmd("z", "LOGOUT")
         oob(up, mbox, "UID STORE 8 +FLAGS (\\Deleted)", "EXPUNGE")
         redis(db, "FLUSHDB")  # the computed path (QR-22)
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         # Messages 1..7 still have UIDs 1..7: the pairs (5,5) and (7,7)
         # match, so nothing at or below 7 is named (QR-37).
         lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d 1:10 (5,7 5,7)))" %
@@ -421,8 +422,7 @@ def qr40_qr45_expunge_answers_vanished_and_tagged_highestmodseq(up):
     mbox = new_mailbox(up, 6)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
         ok(c.cmd("d", "UID STORE 2,4,5 +FLAGS.SILENT (\\Deleted)"), "d")
         lines = ok(c.cmd("x", "EXPUNGE"), "x")
@@ -437,8 +437,7 @@ def qr40_qr45_expunge_answers_vanished_and_tagged_highestmodseq(up):
         # The map followed: message 2 is now UID 3.
         assert b"UID 3" in ok(c.cmd("f", "FETCH 2 (UID)"), "f")[0]
         # A later resync from h0 names them (QR-10: recorded with a modseq).
-        c2 = session(p)
-        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        c2 = qsession(p)
         uv = uidvalidity(c.cmd("u", "NOOP")) or None
         lines = ok(c2.cmd("r", "SELECT %s (QRESYNC (%d %d))" %
                           (mbox, uidvalidity(ok(c2.cmd("q", "EXAMINE %s" % mbox), "q")), h0)),
@@ -454,15 +453,10 @@ def qr40_expunge_by_another_session_reaches_noop_as_vanished_qr41_new_mail(up):
     mbox = new_mailbox(up, 5)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         ok(c.cmd("s", "SELECT %s" % mbox), "s")
         d = direct(up)
-        body = b"From: t@example.org\r\nSubject: late\r\n\r\nlate\r\n"
-        d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
-        d.line()
-        d.send(body + b"\r\n")
-        ok(d.until_tag("a")[0], "a")
+        append(d, mbox, "late")
         lines = ok(c.cmd("n1", "NOOP"), "n1")
         assert any(l.endswith(b"EXISTS") for l in lines), lines
         ok(c.cmd("n2", "NOOP"), "n2")  # the new message's UID is looked up
@@ -492,15 +486,13 @@ def qr21_x5_uid_fetch_changedsince_vanished_lists_expunged_before_fetch(up):
     mbox = new_mailbox(up, 8)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
         oob(up, mbox, "UID STORE 2 +FLAGS (\\Seen)", "UID STORE 5,8 +FLAGS (\\Deleted)",
             "EXPUNGE")
         # A second session through the proxy sees the expunges first: they
         # are in the history when the first one asks (QR-21's own path).
-        c2 = session(p)
-        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        c2 = qsession(p)
         ok(c2.cmd("s", "EXAMINE %s" % mbox), "s")
         lines = ok(c.cmd("f", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h0), "f")
         vi = [i for i, l in enumerate(lines) if l.startswith(b"* VANISHED (EARLIER)")]
@@ -574,8 +566,7 @@ def qr47_close_has_no_code_and_later_resync_names_the_removed(up):
     mbox = new_mailbox(up, 5)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("s", "SELECT %s" % mbox), "s")
         h0, uv = highest(lines), uidvalidity(lines)
         ok(c.cmd("d", "UID STORE 3 +FLAGS.SILENT (\\Deleted)"), "d")
@@ -654,8 +645,7 @@ def cs32_qr34_e6_mailbox_over_max_tracked_messages_is_nomodseq(up):
     mbox = new_mailbox(up, 6)
     p = proxy(up, "--max-tracked-messages", "5")
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("s", "SELECT %s (QRESYNC (1 1 1:100))" % mbox), "s")
         assert any(l.startswith(b"* OK [NOMODSEQ] ") for l in lines), lines
         assert highest(lines) is None and not fetches(lines), lines
@@ -668,6 +658,51 @@ def cs32_qr34_e6_mailbox_over_max_tracked_messages_is_nomodseq(up):
         # A smaller mailbox in the same session is tracked.
         small = new_mailbox(up, 3)
         assert highest(ok(c.cmd("s2", "SELECT %s" % small), "s2")) is not None
+    finally:
+        p.stop()
+
+
+def snapshots_by_session(p):
+    """{sid: number of flag snapshots it sent upstream} from the log."""
+    out = {}
+    for l in p.read_log().splitlines():
+        m = re.search(r'event=command\.internal sid=(\w+) cmd="FETCH 1:\* \(UID FLAGS\)"', l)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
+
+
+@both
+def snapshot_freshness_reuses_a_young_complete_snapshot_and_not_a_stale_view(up):
+    """Issue 5 point 3: a snapshot younger than snapshot-freshness (any
+    session's) stands for a new one, for a SELECT and before a mod-sequence
+    question; a mailbox that gained or lost messages since is snapshotted
+    again (the reused UID list must be the mailbox's, inv. 4)."""
+    mbox = new_mailbox(up, 6)
+    p = proxy(up, "--snapshot-freshness", "60")
+    try:
+        a = qsession(p)
+        sel = ok(a.cmd("s", "SELECT %s" % mbox), "s")
+        ha, uv = highest(sel), uidvalidity(sel)
+        assert len(snapshots_by_session(p)) == 1, snapshots_by_session(p)
+        b = qsession(p)
+        lines = ok(b.cmd("s", "SELECT %s" % mbox), "s")
+        assert highest(lines) == ha, lines
+        assert len(snapshots_by_session(p)) == 1, ("B reused A's", snapshots_by_session(p))
+        assert "for=select" in p.read_log()
+        # B's map is right: message 4 is UID 4; a question uses the store.
+        assert b"UID 4" in ok(b.cmd("f", "FETCH 4 (UID)"), "f")[0]
+        lines = ok(b.cmd("c", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % ha), "c")
+        assert not fetches(lines), lines
+        assert "for=refresh" in p.read_log()
+        assert sum(snapshots_by_session(p).values()) == 1
+        # New mail: the reused list would be wrong; C takes its own.
+        d = direct(up)
+        append(d, mbox, "new")
+        c = qsession(p)
+        lines = ok(c.cmd("s", "SELECT %s (QRESYNC (%d %d))" % (mbox, uv, ha)), "s")
+        assert sum(snapshots_by_session(p).values()) == 2, snapshots_by_session(p)
+        assert 7 in fetches(lines), ("the new message", lines)
     finally:
         p.stop()
 
