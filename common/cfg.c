@@ -105,6 +105,10 @@ static const struct cfg_opt cfg_opts[] = {
     {"snapshot-freshness", CFG_T_DUR, CFG_FIELD(snapshot_freshness), 0, "0", 0, HOUR, 0, "DUR",
      "a complete snapshot of a mailbox younger than this (taken by any session or process) is "
      "used instead of asking the upstream again; 0: always ask"},
+    {"upstream-max-line", CFG_T_SIZE, CFG_FIELD(upstream_max_line), 0, "8k", 1 * KIB, 16 * MIB, 0,
+     "SIZE",
+     "longest command line the proxy builds for the upstream from computed message sets; longer "
+     "ones are split (Courier drops the connection on lines over ~16k)"},
     {"max-tracked-messages", CFG_T_U64, CFG_FIELD(max_tracked_messages), 0, "1000000", 0,
      UINT32_MAX, 0, "N",
      "a mailbox with more messages is selected with NOMODSEQ (not tracked, no mod-sequences); "

@@ -54,6 +54,8 @@
  *                                       redis
  *   snapshot-freshness DUR 0           [0, 1h] a complete snapshot younger
  *                                       than this is reused; 0: off
+ *   upstream-max-line SIZE 8k          [1k, 16m] computed sets are split
+ *                                       into several commands above it
  *   max-tracked-messages N  1000000     [0, 2^32-1] larger mailboxes get
  *                                       NOMODSEQ (CS-32); 0: no limit
  *   tls-cert FILE         repeatable, paired in order with tls-key FILE
@@ -146,6 +148,7 @@ struct cfg {
     bool condstore;                /* offer CONDSTORE and QRESYNC; needs redis */
     uint64_t max_tracked_messages; /* larger mailboxes get NOMODSEQ; 0: no limit */
     uint64_t snapshot_freshness;   /* seconds; 0: every refresh asks the upstream */
+    uint64_t upstream_max_line;    /* computed upstream command lines are split above it */
 
     /* TLS (proxy/tls.h). */
     char **tls_cert; /* n_tls_cert paths, paired with tls_key */

@@ -1157,6 +1157,57 @@ int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t
     return 0;
 }
 
+/* Send `verb set rest` upstream for the deferred command f, split into
+ * several commands when the line would be longer than upstream-max-line
+ * (GEN-04; Courier drops a connection on a line over ~16 KiB): the parts
+ * but the last are the proxy's own (their untagged answers reach the
+ * client like the last one's), the last carries the client's tag. set is
+ * a comma-separated sequence set. Returns the last one's pending. */
+static struct pending *sync_send_split(struct sess *s, const struct cs_fetch *f, const char *verb,
+                                       const char *set, const char *rest, bool no_expunge)
+{
+    size_t limit = s->ctx->cfg->upstream_max_line;
+    size_t fixed = strlen(verb) + strlen(rest) + 32; /* tag, spaces, CRLF */
+    size_t room = limit > fixed + 16 ? limit - fixed : 16;
+    struct buf line = {0};
+    int rc = 0;
+
+    while (strlen(set) > room) {
+        /* The longest prefix that ends before a comma and fits. */
+        size_t cut = room;
+        while (cut > 0 && set[cut] != ',')
+            cut--;
+        if (cut == 0)
+            break; /* one term longer than the room: sent whole */
+        buf_clear(&line, 1024);
+        rc |= buf_append(&line, verb, strlen(verb), SIZE_MAX);
+        rc |= buf_append(&line, " ", 1, SIZE_MAX);
+        rc |= buf_append(&line, set, cut, SIZE_MAX);
+        rc |= buf_append(&line, " ", 1, SIZE_MAX);
+        rc |= buf_append(&line, rest, strlen(rest), SIZE_MAX);
+        rc |= buf_append(&line, "", 1, SIZE_MAX); /* NUL for cmd_internal */
+        if (rc != 0)
+            break;
+        struct pending *p = cmd_internal(s, line.p);
+        p->no_expunge = no_expunge;
+        set += cut + 1;
+    }
+    buf_clear(&line, 1024);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, verb, strlen(verb), SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, set, strlen(set), SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, rest, strlen(rest), SIZE_MAX);
+    rc |= buf_append(&line, "\r\n", 2, SIZE_MAX);
+    if (rc != 0)
+        sess_fail(s, QR_ENOMEM, "command");
+    struct pending *p = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+    p->no_expunge = no_expunge;
+    buf_fini(&line);
+    return p;
+}
+
 /* Send the FETCH upstream for subset (NULL: the client's whole set, with
  * the filter doing the work), or answer it here when subset is empty. */
 /* Format a set: "" when it is empty (both malloc'ed), NULL on error. */
@@ -1211,28 +1262,12 @@ static void sync_fetch_send(struct sess *s, const char *subset)
     if (subset != NULL && subset[0] == '\0') {
         cmd_local_answer(s, f->tag, f->tag_len, "OK Fetch completed (no changes)");
     } else {
-        struct buf line = {0};
         const char *set = subset != NULL ? subset : f->set;
         bool is_uid = f->is_uid && !f->is_client_seq;
-        int rc = buf_append(&line, is_uid ? " UID FETCH " : " FETCH ", is_uid ? 11 : 7, SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, set, strlen(set), SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, " ", 1, SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, f->items, strlen(f->items), SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, "\r\n", 2, SIZE_MAX);
-        if (rc < 0) {
-            buf_fini(&line);
-            sess_fail(s, rc, "fetch");
-            return;
-        }
-        y->filter_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
-        y->filter_cmd->no_expunge = f->is_client_seq;
         y->filter_since = f->since;
         y->is_filtering = true;
-        buf_fini(&line);
+        y->filter_cmd =
+            sync_send_split(s, f, is_uid ? "UID FETCH" : "FETCH", set, f->items, f->is_client_seq);
     }
     free(seqs);
     deferred_done(s);
@@ -1257,21 +1292,45 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
             if (msgs[i].modseq >= f->keys[k].n)
                 rc = seqset_add(&set, msgs[i].uid);
         }
-        char *text = NULL;
-        size_t len = 0;
+        char *text = NULL, *other = NULL;
+        size_t len = 0, olen = 0;
         if (rc == 0 && !seqset_is_empty(&set))
             rc = seqset_format_alloc(&set, &text, &len);
+        if (rc == 0 && len > 64) {
+            /* GEN-04: the other messages may make a shorter set. */
+            struct seqset live, rest;
+            seqset_init(&live);
+            seqset_init(&rest);
+            for (uint32_t i = 1; rc == 0 && i <= y->map.n; i++) {
+                uint32_t u = msgmap_uid(&y->map, i);
+                if (u != 0)
+                    rc = seqset_add(&live, u);
+            }
+            if (rc == 0)
+                rc = seqset_difference(&live, &set, &rest);
+            if (rc == 0 && !seqset_is_empty(&rest))
+                rc = seqset_format_alloc(&rest, &other, &olen);
+            seqset_fini(&live);
+            seqset_fini(&rest);
+        }
         seqset_fini(&set);
         if (rc == 0)
             rc = buf_append(&line, f->line + at, f->keys[k].from - at, SIZE_MAX);
         if (rc == 0 && text == NULL)
             rc = buf_append(&line, "NOT ALL", 7, SIZE_MAX);
-        else if (rc == 0) {
+        else if (rc == 0 && other == NULL && len > 64)
+            rc = buf_append(&line, "ALL", 3, SIZE_MAX); /* every message */
+        else if (rc == 0 && other != NULL && olen + 4 < len) {
+            rc = buf_append(&line, "NOT UID ", 8, SIZE_MAX);
+            if (rc == 0)
+                rc = buf_append(&line, other, olen, SIZE_MAX);
+        } else if (rc == 0) {
             rc = buf_append(&line, "UID ", 4, SIZE_MAX);
             if (rc == 0)
                 rc = buf_append(&line, text, len, SIZE_MAX);
         }
         free(text);
+        free(other);
         at = f->keys[k].to;
     }
     if (rc == 0)
@@ -1279,6 +1338,13 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
     if (rc < 0) {
         buf_fini(&line);
         sess_fail(s, rc, "search");
+        return;
+    }
+    if (line.len + 32 > s->ctx->cfg->upstream_max_line) {
+        /* GEN-04: no shorter form; the upstream would refuse the line (or,
+         * Courier, drop the connection). */
+        buf_fini(&line);
+        deferred_answer(s, "NO [LIMIT] Too many scattered messages match MODSEQ for this server");
         return;
     }
     y->search_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
@@ -1699,24 +1765,23 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         free(fail_text);
         return;
     }
-    struct buf line = {0};
+    struct buf rest = {0};
     bool is_uid = f->is_uid && !f->is_client_seq;
-    rc = buf_append(&line, is_uid ? " UID STORE " : " STORE ", is_uid ? 11 : 7, SIZE_MAX);
-    rc |= buf_append(&line, pass_text, strlen(pass_text), SIZE_MAX);
-    rc |= buf_append(&line, " ", 1, SIZE_MAX);
-    rc |= buf_append(&line, f->item, strlen(f->item), SIZE_MAX);
-    rc |= buf_append(&line, " ", 1, SIZE_MAX);
-    rc |= buf_append(&line, f->value, strlen(f->value), SIZE_MAX);
-    rc |= buf_append(&line, "\r\n", 2, SIZE_MAX);
-    free(pass_text);
+    rc = buf_append(&rest, f->item, strlen(f->item), SIZE_MAX);
+    rc |= buf_append(&rest, " ", 1, SIZE_MAX);
+    rc |= buf_append(&rest, f->value, strlen(f->value), SIZE_MAX);
+    rc |= buf_append(&rest, "", 1, SIZE_MAX);
     if (rc != 0) {
+        free(pass_text);
         free(fail_text);
-        buf_fini(&line);
+        buf_fini(&rest);
         sess_fail(s, QR_ENOMEM, "conditional store");
         return;
     }
-    y->store_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
-    y->store_cmd->no_expunge = f->is_client_seq;
+    y->store_cmd =
+        sync_send_split(s, f, is_uid ? "UID STORE" : "STORE", pass_text, rest.p, f->is_client_seq);
+    free(pass_text);
+    buf_fini(&rest);
     free(y->modified);
     y->modified = NULL;
     if (fail_text != NULL) {
@@ -1725,7 +1790,6 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         snprintf(y->modified, ml, "MODIFIED %s", fail_text);
         free(fail_text);
     }
-    buf_fini(&line);
     deferred_done(s);
 }
 

@@ -707,6 +707,44 @@ def snapshot_freshness_reuses_a_young_complete_snapshot_and_not_a_stale_view(up)
         p.stop()
 
 
+@both
+def gen04_long_computed_sets_are_split_under_upstream_max_line(up):
+    """GEN-04: the sets the proxy computes (CHANGEDSINCE subset, the pass
+    set of a conditional STORE, MODSEQ keys of SEARCH) go to the upstream in
+    lines of its own making; Courier drops the connection on a line over
+    ~16 KiB. With upstream-max-line 1k they go as several commands (or a
+    shorter complement, or NO [LIMIT]) and the client gets one right answer
+    on a session that lives on."""
+    mbox = new_mailbox(up, 600)
+    p = proxy(up, "--upstream-max-line", "1k")
+    odd = ",".join(str(u) for u in range(1, 601, 2))
+    try:
+        c = qsession(p)
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        # A scattered conditional STORE, nothing changed: the pass set is
+        # the client's 300 UIDs (1.2 KB): split.
+        lines = ok(c.cmd("t", "UID STORE %s (UNCHANGEDSINCE %d) +FLAGS.SILENT (\\Answered)"
+                         % (odd, h0)), "t")
+        assert b"MODIFIED" not in lines[-1], lines[-1]
+        assert re.search(r'cmd="UID STORE [0-9,]{20,}', p.read_log()), "split into parts"
+        t = truth(up, mbox)
+        assert all((b"\\Answered" in t[u]) == (u % 2 == 1) for u in t), "exactly the odd ones"
+        # Every message changed out of band; a scattered CHANGEDSINCE.
+        oob(up, mbox, "UID STORE 1:600 +FLAGS (\\Flagged)")
+        h1 = max(m for _, _, m in fetches(lines).values()) if fetches(lines) else h0
+        lines = ok(c.cmd("f", "UID FETCH %s (FLAGS) (CHANGEDSINCE %d)" % (odd, h1)), "f")
+        f = fetches(lines)
+        assert set(range(1, 601, 2)) <= set(f), sorted(set(range(1, 601, 2)) - set(f))[:10]
+        assert all(b"\\Flagged" in fl for _, fl, _ in f.values())
+        assert re.search(r'cmd="UID FETCH [0-9,]{20,}', p.read_log()), "split into parts"
+        # SEARCH MODSEQ: a right answer or NO [LIMIT], never a lost session.
+        lines = c.cmd("q", "UID SEARCH MODSEQ %d" % (h1 + 1))
+        assert lines[-1].startswith(b"q NO [LIMIT]") or lines[-1].startswith(b"q OK"), lines
+        ok(c.cmd("z", "NOOP"), "z")
+    finally:
+        p.stop()
+
+
 @test
 def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
     port = pb.free_port()
