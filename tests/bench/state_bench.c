@@ -1,7 +1,10 @@
 /* Benchmark of the state store (issue 3, point 5): a full snapshot of
  * 100 000 messages with 1% changed, diffed and stored (median of several
  * runs); round trips of a one-message observation; Redis memory per
- * message (MEMORY USAGE ... SAMPLES 0 summed over the mailbox's keys).
+ * message (MEMORY USAGE ... SAMPLES 0 summed over the mailbox's keys);
+ * the untagged FETCH lines of a `UID FETCH 1:* (FLAGS)` (every message,
+ * 1% changed) given their MODSEQs line by line (store_observe_one(), 256 in
+ * flight, as proxy/sync.c) or in batches (store_observe_each()).
  * A benchmark, not a test: it prints figures and never fails on timings.
  *
  *   state_bench TMPDIR [N_MESSAGES]
@@ -49,6 +52,126 @@ static long long bench_mem(int port, const char *key)
     if (r != NULL)
         freeReplyObject(r);
     return v;
+}
+
+/* ---- FETCH lines: store_observe_one() vs store_observe_each() ---- */
+
+/* Feeds lines[0..n) to the store, `batch` lines per request (1: one
+ * store_observe_one() per line), at most `window` requests in flight. */
+struct bench_lines {
+    struct store_mbox *mb;
+    const struct store_obs *o;
+    uint32_t n, batch, window;
+    uint32_t next, inflight, done_lines;
+    uint64_t *ms; /* per line, from the callbacks */
+    bool failed;
+};
+
+/* One request's callback argument: the driver and the request's first line. */
+struct bench_req {
+    struct bench_lines *bl;
+    uint32_t first;
+};
+
+static void bench_lines_fill(struct bench_lines *bl);
+
+static void bench_on_one(void *arg, int err, const struct store_result *res)
+{
+    struct bench_req *br = arg;
+    struct bench_lines *bl = br->bl;
+    uint32_t i = br->first;
+
+    free(br);
+    bl->inflight--;
+    bl->done_lines++;
+    if (err != 0 || res->uid_modseq == 0)
+        bl->failed = true;
+    else
+        bl->ms[i] = res->uid_modseq;
+    bench_lines_fill(bl);
+}
+
+static void bench_on_each(void *arg, int err, const struct store_result *res, const uint64_t *ms,
+                          size_t n)
+{
+    struct bench_req *br = arg;
+    struct bench_lines *bl = br->bl;
+    uint32_t first = br->first;
+
+    (void)res;
+    free(br);
+    bl->inflight--;
+    bl->done_lines += (uint32_t)n;
+    if (err != 0)
+        bl->failed = true;
+    else
+        memcpy(bl->ms + first, ms, n * sizeof(*ms));
+    bench_lines_fill(bl);
+}
+
+static void bench_lines_fill(struct bench_lines *bl)
+{
+    while (!bl->failed && bl->inflight < bl->window && bl->next < bl->n) {
+        uint32_t k = bl->n - bl->next < bl->batch ? bl->n - bl->next : bl->batch;
+        struct bench_req *arg = malloc(sizeof(*arg));
+        int rc;
+
+        arg->bl = bl;
+        arg->first = bl->next;
+        if (bl->batch == 1)
+            rc = store_observe_one(bl->mb, bl->o[bl->next].uid, bl->o[bl->next].flags,
+                                   bl->o[bl->next].flags_len, bench_on_one, arg, NULL);
+        else
+            rc = store_observe_each(bl->mb, bl->o + bl->next, k, bench_on_each, arg, NULL);
+        if (rc != 0) {
+            free(arg);
+            bl->failed = true;
+            return;
+        }
+        bl->inflight++;
+        bl->next += k;
+    }
+}
+
+struct bench_fig {
+    uint64_t us, commands;
+    long long redis_us;
+};
+
+/* 1% of the lines get other flags, then all n lines go through the store.
+ * Returns false on an error or a line left without a modseq. */
+static bool bench_lines_run(struct store *st, struct store_mbox *mb, int port, struct store_obs *o,
+                            uint32_t n, uint32_t batch, uint32_t window, struct bench_fig *fig)
+{
+    struct bench_lines bl = {.mb = mb, .o = o, .n = n, .batch = batch, .window = window};
+    struct store_stats s0, s1;
+    long long lua0;
+    uint64_t t0;
+
+    for (uint32_t k = 0; k < n / 100; k++) {
+        uint32_t i = (uint32_t)rand() % n;
+        const char *f = bench_sets[(rand() % 5) + 1];
+
+        if (strcmp(f, o[i].flags) == 0)
+            f = bench_sets[0];
+        o[i].flags = f;
+        o[i].flags_len = strlen(f);
+    }
+    bl.ms = calloc(n + 1, sizeof(*bl.ms));
+    store_get_stats(st, &s0);
+    lua0 = bench_script_us(port);
+    t0 = clock_now_us();
+    bench_lines_fill(&bl);
+    while (!bl.failed && bl.done_lines < n)
+        uv_run(it_loop, UV_RUN_ONCE); /* the store's tick keeps it from blocking */
+    fig->us = clock_now_us() - t0;
+    store_get_stats(st, &s1);
+    fig->commands = s1.commands - s0.commands;
+    fig->redis_us = bench_script_us(port) - lua0;
+    for (uint32_t i = 0; i < n && !bl.failed; i++)
+        bl.failed = bl.ms[i] == 0;
+    free(bl.ms);
+    return !bl.failed;
 }
 
 int main(int argc, char **argv)
@@ -142,6 +265,19 @@ int main(int argc, char **argv)
         t_one[r] = clock_now_us() - t0;
         store_get_stats(st, &s1);
     }
+    /* FETCH lines, median of LRUNS each: {batch, window}. */
+    enum { LRUNS = 3, LWAYS = 4 };
+    static const uint32_t ways[LWAYS][2] = {{1, 256}, {256, 1}, {256, 4}, {1024, 1}};
+    struct bench_fig lf[LWAYS][LRUNS];
+
+    for (int r = 0; r < LRUNS; r++) {
+        for (int w = 0; w < LWAYS; w++) {
+            if (!bench_lines_run(st, mb, srv.port, o, n, ways[w][0], ways[w][1], &lf[w][r])) {
+                fprintf(stderr, "state bench: fetch lines failed (batch %u)\n", ways[w][0]);
+                return 1;
+            }
+        }
+    }
     for (int r = 0; r < RUNS; r++) {
         struct store_info info;
         uint64_t t0 = clock_now_us();
@@ -174,6 +310,25 @@ int main(int argc, char **argv)
            (double)t_info[RUNS / 2] / 1000);
     printf("  redis memory: state %lld B + history %lld B = %.2f B/message\n", mem_s, mem_x,
            (double)(mem_s + mem_x) / n);
+    printf("  %u FETCH lines (UID FETCH 1:* (FLAGS), 1%% changed), median of %d:\n", n, LRUNS);
+    for (int w = 0; w < LWAYS; w++) {
+        struct bench_fig *f = lf[w];
+
+        for (int a = 1; a < LRUNS; a++) /* insertion sort on wall time */
+            for (int b = a; b > 0 && f[b].us < f[b - 1].us; b--) {
+                struct bench_fig x = f[b];
+
+                f[b] = f[b - 1];
+                f[b - 1] = x;
+            }
+        printf("    %-34s %8.1f ms wall, %7llu round trips, script in Redis %7.1f ms\n",
+               ways[w][0] == 1                        ? "store_observe_one x1, 256 in flight:"
+               : ways[w][0] == 256 && ways[w][1] == 1 ? "store_observe_each x256, 1 in flight:"
+               : ways[w][0] == 256                    ? "store_observe_each x256, 4 in flight:"
+                                                      : "store_observe_each x1024, 1 in flight:",
+               (double)f[LRUNS / 2].us / 1000, (unsigned long long)f[LRUNS / 2].commands,
+               (double)f[LRUNS / 2].redis_us / 1000);
+    }
     fflush(stdout);
     free(o);
     store_mbox_free(&mb);
