@@ -54,6 +54,20 @@ static long long bench_mem(int port, const char *key)
     return v;
 }
 
+/* 1% of the messages get other flags. */
+static void bench_change(struct store_obs *o, uint32_t n)
+{
+    for (uint32_t k = 0; k < n / 100; k++) {
+        uint32_t i = (uint32_t)rand() % n;
+        const char *f = bench_sets[(rand() % 5) + 1];
+
+        if (strcmp(f, o[i].flags) == 0)
+            f = bench_sets[0];
+        o[i].flags = f;
+        o[i].flags_len = strlen(f);
+    }
+}
+
 /* ---- FETCH lines: store_observe_one() vs store_observe_each() ---- */
 
 /* Feeds lines[0..n) to the store, `batch` lines per request (1: one
@@ -148,15 +162,7 @@ static bool bench_lines_run(struct store *st, struct store_mbox *mb, int port, s
     long long lua0;
     uint64_t t0;
 
-    for (uint32_t k = 0; k < n / 100; k++) {
-        uint32_t i = (uint32_t)rand() % n;
-        const char *f = bench_sets[(rand() % 5) + 1];
-
-        if (strcmp(f, o[i].flags) == 0)
-            f = bench_sets[0];
-        o[i].flags = f;
-        o[i].flags_len = strlen(f);
-    }
+    bench_change(o, n);
     bl.ms = calloc(n + 1, sizeof(*bl.ms));
     store_get_stats(st, &s0);
     lua0 = bench_script_us(port);
@@ -218,16 +224,7 @@ int main(int argc, char **argv)
         uint64_t t0;
         long long lua0;
 
-        /* 1% of the messages get other flags. */
-        for (uint32_t k = 0; k < n / 100; k++) {
-            uint32_t i = (uint32_t)rand() % n;
-            const char *f = bench_sets[(rand() % 5) + 1];
-
-            if (strcmp(f, o[i].flags) == 0)
-                f = bench_sets[0];
-            o[i].flags = f;
-            o[i].flags_len = strlen(f);
-        }
+        bench_change(o, n);
         {
             /* Where the time goes: the proxy's packing alone, and the
              * script's run inside Redis; the rest is transfer and decoding. */
