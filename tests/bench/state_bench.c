@@ -76,6 +76,7 @@ struct bench_lines {
     struct store_mbox *mb;
     const struct store_obs *o;
     uint32_t n, batch, window;
+    bool is_aligned; /* cut batches where a chunk of UIDs ends (pack.h) */
     uint32_t next, inflight, done_lines;
     uint64_t *ms; /* per line, from the callbacks */
     bool failed;
@@ -130,6 +131,16 @@ static void bench_lines_fill(struct bench_lines *bl)
         struct bench_req *arg = malloc(sizeof(*arg));
         int rc;
 
+        if (bl->is_aligned && bl->next + k < bl->n) {
+            uint32_t a = k;
+
+            while (a > 1 && bl->o[bl->next + a].uid / PACK_CHUNK_UIDS ==
+                                bl->o[bl->next + a - 1].uid / PACK_CHUNK_UIDS)
+                a--;
+            if (a > 1)
+                k = a;
+        }
+
         arg->bl = bl;
         arg->first = bl->next;
         if (bl->batch == 1)
@@ -154,10 +165,21 @@ struct bench_fig {
 
 /* 1% of the lines get other flags, then all n lines go through the store.
  * Returns false on an error or a line left without a modseq. */
+struct bench_way {
+    uint32_t batch, window;
+    bool is_aligned;
+    const char *label;
+};
+
 static bool bench_lines_run(struct store *st, struct store_mbox *mb, int port, struct store_obs *o,
-                            uint32_t n, uint32_t batch, uint32_t window, struct bench_fig *fig)
+                            uint32_t n, const struct bench_way *way, struct bench_fig *fig)
 {
-    struct bench_lines bl = {.mb = mb, .o = o, .n = n, .batch = batch, .window = window};
+    struct bench_lines bl = {.mb = mb,
+                             .o = o,
+                             .n = n,
+                             .batch = way->batch,
+                             .window = way->window,
+                             .is_aligned = way->is_aligned};
     struct store_stats s0, s1;
     long long lua0;
     uint64_t t0;
@@ -262,15 +284,22 @@ int main(int argc, char **argv)
         t_one[r] = clock_now_us() - t0;
         store_get_stats(st, &s1);
     }
-    /* FETCH lines, median of LRUNS each: {batch, window}. */
-    enum { LRUNS = 3, LWAYS = 4 };
-    static const uint32_t ways[LWAYS][2] = {{1, 256}, {256, 1}, {256, 4}, {1024, 1}};
+    /* FETCH lines, median of LRUNS each. */
+    enum { LRUNS = 3, LWAYS = 6 };
+    static const struct bench_way ways[LWAYS] = {
+        {1, 256, false, "store_observe_one, 256 in flight:"},
+        {256, 1, false, "each x256, 1 in flight:"},
+        {256, 4, false, "each x256, 4 in flight:"},
+        {256, 1, true, "each x<=256 cut at chunks, 1 in flight:"},
+        {1024, 1, false, "each x1024, 1 in flight:"},
+        {1024, 1, true, "each x<=1024 cut at chunks, 1 in flight:"},
+    };
     struct bench_fig lf[LWAYS][LRUNS];
 
     for (int r = 0; r < LRUNS; r++) {
         for (int w = 0; w < LWAYS; w++) {
-            if (!bench_lines_run(st, mb, srv.port, o, n, ways[w][0], ways[w][1], &lf[w][r])) {
-                fprintf(stderr, "state bench: fetch lines failed (batch %u)\n", ways[w][0]);
+            if (!bench_lines_run(st, mb, srv.port, o, n, &ways[w], &lf[w][r])) {
+                fprintf(stderr, "state bench: fetch lines failed (%s)\n", ways[w].label);
                 return 1;
             }
         }
@@ -318,13 +347,9 @@ int main(int argc, char **argv)
                 f[b] = f[b - 1];
                 f[b - 1] = x;
             }
-        printf("    %-34s %8.1f ms wall, %7llu round trips, script in Redis %7.1f ms\n",
-               ways[w][0] == 1                        ? "store_observe_one x1, 256 in flight:"
-               : ways[w][0] == 256 && ways[w][1] == 1 ? "store_observe_each x256, 1 in flight:"
-               : ways[w][0] == 256                    ? "store_observe_each x256, 4 in flight:"
-                                                      : "store_observe_each x1024, 1 in flight:",
-               (double)f[LRUNS / 2].us / 1000, (unsigned long long)f[LRUNS / 2].commands,
-               (double)f[LRUNS / 2].redis_us / 1000);
+        printf("    %-42s %8.1f ms wall, %6llu round trips, script in Redis %7.1f ms\n",
+               ways[w].label, (double)f[LRUNS / 2].us / 1000,
+               (unsigned long long)f[LRUNS / 2].commands, (double)f[LRUNS / 2].redis_us / 1000);
     }
     fflush(stdout);
     free(o);
