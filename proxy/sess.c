@@ -200,6 +200,8 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
             seg = p + pos;
         }
     }
+    if (!is_cli && !s->is_closing)
+        sync_flush_batch(s); /* FETCH lines queued from this read */
     if (s->is_closing || seg >= p + pos)
         return;
     if (sd->is_streaming) {

@@ -46,9 +46,12 @@ struct sync {
      * requests are pipelined (one round trip for many lines); they go out
      * in order as the answers come (proxy/sess.c waits at a line boundary
      * for anything else, sync_up_waits). */
-    struct eline *eq; /* ENRICH_MAX slots, allocated on first use */
+    struct eline *eq; /* ENRICH_MAX slots, allocated while in use */
     unsigned eq_head, eq_n;
-    bool eq_barrier; /* the upstream waits for the queue to drain */
+    unsigned eq_unsent;     /* the newest eq_unsent lines await their batch */
+    struct buf eq_text;     /* the queued lines' bytes and flags */
+    struct ebatch *batches; /* EBATCH_MAX in flight */
+    bool eq_barrier;        /* the upstream waits for the queue to drain */
     struct store_mbox *mb;
     struct store_req *req;
     uint64_t highest;
@@ -108,17 +111,26 @@ struct sync {
 
 #define CS_KEYS_MAX 8
 
-/* One FETCH line in the enrichment queue. */
-#define ENRICH_MAX 256
+/* One FETCH line in the enrichment queue; its bytes (and its flags, to
+ * observe) are in the sync's eq_text. */
+#define ENRICH_MAX  2048
+#define EBATCH_SIZE 512 /* lines per store_observe_each (one round trip) */
+#define EBATCH_MAX  (ENRICH_MAX / EBATCH_SIZE + 1)
 struct eline {
-    struct sess *s;
-    struct buf line;
+    size_t off, len;     /* the line in eq_text */
+    size_t f_off, f_len; /* its flags in eq_text */
     uint32_t uid;
     bool has_uid; /* the line has its own UID item */
     bool is_raw;  /* relayed as it is (UID unknown), only kept in order */
     bool is_done;
     uint64_t modseq;
-    struct store_req *req;
+};
+
+/* One batch of queued lines observed in one request. */
+struct ebatch {
+    struct sess *s;
+    struct store_req *req; /* NULL: the slot is free */
+    unsigned first, n;     /* ring positions first .. first + n - 1 */
 };
 
 /* A FETCH (CHANGEDSINCE n) or SEARCH MODSEQ waiting for its snapshot
@@ -214,13 +226,13 @@ void sync_fini(struct sess *s)
     msgmap_fini(&y->map);
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
-    if (y->eq != NULL) {
-        for (unsigned i = 0; i < ENRICH_MAX; i++) {
-            store_req_cancel(&y->eq[i].req);
-            buf_fini(&y->eq[i].line);
-        }
-        free(y->eq);
+    if (y->batches != NULL) {
+        for (unsigned i = 0; i < EBATCH_MAX; i++)
+            store_req_cancel(&y->batches[i].req);
     }
+    free(y->batches);
+    free(y->eq);
+    buf_fini(&y->eq_text);
     buf_fini(&y->extra);
     cview_fini(&y->view);
     sync_qr_free(&y->qr);
@@ -755,8 +767,8 @@ static bool sync_was_sent(struct sync *y, uint32_t uid, uint64_t modseq)
 static void sync_emit_line(struct sess *s, const struct eline *e)
 {
     struct sync *y = s->sync;
-    const char *p = e->line.p;
-    size_t len = e->line.len, close = len;
+    const char *p = y->eq_text.p + e->off;
+    size_t len = e->len, close = len;
     uint64_t modseq = e->modseq;
 
     if (e->is_raw) {
@@ -791,7 +803,7 @@ static void sync_emit_line(struct sess *s, const struct eline *e)
 }
 
 /* Send the queue's answered lines, oldest first; once it is empty, both
- * sides go on. */
+ * sides go on and its memory is given back. */
 static void sync_drain_queue(struct sess *s)
 {
     struct sync *y = s->sync;
@@ -799,19 +811,102 @@ static void sync_drain_queue(struct sess *s)
     while (y->eq_n > 0 && y->eq[y->eq_head].is_done && !s->is_closing) {
         struct eline *e = &y->eq[y->eq_head];
         sync_emit_line(s, e);
-        buf_clear(&e->line, 1024);
         e->is_done = false;
         y->eq_head = (y->eq_head + 1) % ENRICH_MAX;
         y->eq_n--;
     }
     if (y->eq_n > 0 || s->is_closing)
         return;
+    free(y->eq);
+    y->eq = NULL;
+    y->eq_head = 0;
+    buf_clear(&y->eq_text, 4096);
     if (y->eq_barrier) {
         y->eq_barrier = false;
         sess_release(&s->up, HOLD_QUEUE);
     }
     sess_release(&s->cli, HOLD_QUEUE);
     sess_flush(s);
+}
+
+static void on_batch_observed(void *arg, int err, const struct store_result *res,
+                              const uint64_t *modseqs, size_t n)
+{
+    struct ebatch *b = arg;
+    struct sess *s = b->s;
+    struct sync *y = s->sync;
+    (void)res;
+
+    b->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0 || n != b->n) {
+        sync_store_lost(s, err < 0 ? err : QR_ESTATE);
+        return;
+    }
+    for (unsigned i = 0; i < b->n; i++) {
+        struct eline *e = &y->eq[(b->first + i) % ENRICH_MAX];
+        /* The line's own modseq: new when its flags changed, kept
+         * otherwise (CS-12); never 0 for a line that has flags. */
+        if (modseqs[i] == 0) {
+            sync_store_lost(s, QR_ESTATE);
+            return;
+        }
+        e->modseq = modseqs[i];
+        e->is_done = true;
+    }
+    sync_drain_queue(s);
+}
+
+/* Observe the lines that await their batch, in one request (CS-51: every
+ * FLAGS list is an observation, and the MODSEQ sent with it is the one
+ * this observation gives). */
+void sync_flush_batch(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->eq_unsent == 0 || s->is_closing)
+        return;
+    struct ebatch *b = NULL;
+    for (unsigned i = 0; b == NULL && i < EBATCH_MAX; i++) {
+        if (y->batches[i].req == NULL)
+            b = &y->batches[i];
+    }
+    if (b == NULL) {
+        sess_fail(s, QR_ESTATE, "enrichment batches"); /* bounded by ENRICH_MAX */
+        return;
+    }
+    unsigned first = (y->eq_head + y->eq_n - y->eq_unsent) % ENRICH_MAX;
+    struct store_obs *obs = xcalloc(y->eq_unsent, sizeof(*obs));
+    unsigned n = 0, from = first;
+    for (unsigned i = 0; i < y->eq_unsent; i++) {
+        const struct eline *e = &y->eq[(first + i) % ENRICH_MAX];
+        if (e->is_raw) {
+            /* Raw lines are done already; a batch is a run without them. */
+            if (n == 0) {
+                from = (first + i + 1) % ENRICH_MAX;
+                continue;
+            }
+            break;
+        }
+        obs[n].uid = e->uid;
+        obs[n].flags = y->eq_text.p + e->f_off;
+        obs[n].flags_len = e->f_len;
+        n++;
+    }
+    unsigned skipped = (from + ENRICH_MAX - first) % ENRICH_MAX;
+    y->eq_unsent -= skipped + n;
+    if (n > 0) {
+        b->s = s;
+        b->first = from;
+        b->n = n;
+        int rc = store_observe_each(y->mb, obs, n, on_batch_observed, b, &b->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+    }
+    free(obs);
+    if (y->eq_unsent > 0)
+        sync_flush_batch(s); /* the run after a raw line */
 }
 
 /* Whether p[0..len) holds "FLAGS (". */
@@ -837,8 +932,10 @@ bool sync_up_waits(struct sess *s, const char *p, size_t n)
     size_t num = len > 0 ? sync_num_end(p, len) : 0;
     bool ok = num > 0 && len >= num + 8 && strncasecmp(p + num, " FETCH (", 8) == 0 &&
               !(len >= 3 && p[len - 3] == '}') && has_flags(p, len);
-    if (!ok)
+    if (!ok) {
         y->eq_barrier = true;
+        sync_flush_batch(s); /* what waits for the queue must not wait for more lines */
+    }
     return !ok;
 }
 
@@ -864,29 +961,6 @@ static bool sync_cb_ok(struct sess *s, int err)
     return true;
 }
 
-static void on_line_observed(void *arg, int err, const struct store_result *res)
-{
-    struct eline *e = arg;
-    struct sess *s = e->s;
-
-    e->req = NULL;
-    if (s->is_closing)
-        return;
-    if (err < 0) {
-        sync_store_lost(s, err);
-        return;
-    }
-    /* The line's own modseq: new when its flags changed, kept otherwise
-     * (CS-12), in the same round trip. */
-    if (res->uid_modseq == 0) {
-        sync_store_lost(s, QR_ESTATE);
-        return;
-    }
-    e->modseq = res->uid_modseq;
-    e->is_done = true;
-    sync_drain_queue(s);
-}
-
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
                       const char *flags, size_t flags_len)
 {
@@ -897,11 +971,10 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
         uid = msgmap_uid(&y->map, seq);
     if (uid == 0 && y->eq_n == 0)
         return false; /* UID not known yet: relayed as it is */
-    if (y->eq == NULL) {
+    if (y->eq == NULL)
         y->eq = xcalloc(ENRICH_MAX, sizeof(*y->eq));
-        for (unsigned i = 0; i < ENRICH_MAX; i++)
-            y->eq[i].s = s;
-    }
+    if (y->batches == NULL)
+        y->batches = xcalloc(EBATCH_MAX, sizeof(*y->batches));
     if (y->eq_n == ENRICH_MAX) {
         sess_fail(s, QR_ESTATE, "enrichment queue"); /* sync_up_waits prevents it */
         return true;
@@ -911,31 +984,33 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
     e->has_uid = has_uid;
     e->is_raw = uid == 0; /* kept in its place behind the queued lines */
     e->is_done = e->is_raw;
+    e->off = y->eq_text.len;
     size_t skip = sync_num_end(b, len);
     int rc = 0;
     if (skip > 0 && sync_has_held(s)) {
         /* CS-66: numbered as the client numbers it. */
         char head[24];
         int n = snprintf(head, sizeof(head), "* %u", sync_cli_number(s, seq, false));
-        rc = buf_append(&e->line, head, (size_t)n, SIZE_MAX);
+        rc = buf_append(&y->eq_text, head, (size_t)n, SIZE_MAX);
         b += skip;
         len -= skip;
     }
     if (rc == 0)
-        rc = buf_append(&e->line, b, len, SIZE_MAX);
+        rc = buf_append(&y->eq_text, b, len, SIZE_MAX);
+    e->len = y->eq_text.len - e->off;
+    e->f_off = y->eq_text.len;
+    if (rc == 0)
+        rc = buf_append(&y->eq_text, flags, flags_len, SIZE_MAX);
+    e->f_len = flags_len;
     if (rc < 0) {
         sess_fail(s, QR_ENOMEM, "fetch line");
         return true;
     }
     if (y->eq_n++ == 0)
         sess_hold(&s->cli, HOLD_QUEUE); /* nothing the client sends overtakes it */
-    if (e->is_raw)
-        return true;
-    /* CS-51: every FLAGS list is an observation, and the MODSEQ sent with
-     * it is the one this observation gives. */
-    rc = store_observe_one(y->mb, uid, flags, flags_len, on_line_observed, e, &e->req);
-    if (rc < 0)
-        sync_store_lost(s, rc);
+    y->eq_unsent++;
+    if (y->eq_unsent >= EBATCH_SIZE)
+        sync_flush_batch(s);
     return true;
 }
 
