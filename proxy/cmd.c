@@ -405,15 +405,49 @@ struct pending *cmd_internal(struct sess *s, const char *text)
     sess_send(&s->up, NULL, tag, (size_t)n);
     sess_send(&s->up, NULL, text, strlen(text));
     sess_send(&s->up, NULL, "\r\n", 2);
-    if (log_on(LOG_DEBUG)) {
-        struct log_line l;
-        log_begin(&l, LOG_DEBUG, "command.internal");
-        log_hex(&l, "sid", s->id);
-        log_str(&l, "cmd", text);
-        log_u64(&l, "up_tag", p->up_tag);
-        log_end(&l);
-    }
+    cmd_log_internal(s, text, p->up_tag);
     return p;
+}
+
+/* The kinds of the proxy's own upstream commands (issue 7 point 4). */
+static const char *const internal_kinds[8] = {"snapshot", "poll", "lookup", "status",
+                                              "close",    "idle", "part",   "other"};
+
+static unsigned internal_kind(const char *text)
+{
+    if (strncmp(text, "FETCH 1:* ", 10) == 0)
+        return 0; /* a flag snapshot */
+    if (strcmp(text, "NOOP") == 0)
+        return 1; /* a refresh or a poll */
+    if (strncmp(text, "FETCH ", 6) == 0 && strstr(text, ":* (UID FLAGS)") != NULL)
+        return 2; /* new messages' UIDs */
+    if (strncmp(text, "STATUS ", 7) == 0)
+        return 3;
+    if (strcmp(text, "UNSELECT") == 0 || strncmp(text, "EXAMINE ", 8) == 0)
+        return 4; /* QR-60 */
+    if (strcmp(text, "DONE") == 0 || strcmp(text, "IDLE") == 0)
+        return 5; /* the virtual IDLE */
+    if (strncmp(text, "UID ", 4) == 0 || strncmp(text, "FETCH ", 6) == 0 ||
+        strncmp(text, "STORE ", 6) == 0)
+        return 6; /* a part of a split command (GEN-04) */
+    return 7;
+}
+
+void cmd_log_internal(struct sess *s, const char *text, uint64_t up_tag)
+{
+    unsigned k = internal_kind(text);
+    uint64_t n = ++s->ctx->n_internal[k];
+    if (!log_on(LOG_DEBUG))
+        return;
+    struct log_line l;
+    log_begin(&l, LOG_DEBUG, "command.internal");
+    log_hex(&l, "sid", s->id);
+    log_str(&l, "cmd", text);
+    if (up_tag != 0)
+        log_u64(&l, "up_tag", up_tag);
+    log_str(&l, "kind", internal_kinds[k]);
+    log_u64(&l, "kind_total", n); /* this process's so far */
+    log_end(&l);
 }
 
 struct pending *cmd_send_line(struct sess *s, const char *tag, size_t tag_len, const char *line,

@@ -796,6 +796,27 @@ def issue7_virtual_idle_pushes_out_of_band_changes_and_done_ends_it_once(up):
         p.stop()
 
 
+@both
+def issue7_one_snapshotter_per_mailbox_across_processes(up):
+    """Issue 7 point 3: sessions of two processes selecting the same
+    mailbox at once: the SNAPSHOT lease lets one snapshot it, the other
+    waits and reuses it (snapshot-freshness); both report the same
+    HIGHESTMODSEQ."""
+    mbox = new_mailbox(up, 200)
+    ps = [proxy(up, "--snapshot-freshness", "60") for _ in range(3)]
+    try:
+        cs = [qsession(p) for p in ps]
+        for c in cs:
+            c.send("s SELECT %s\r\n" % mbox)
+        hs = [highest(ok(c.until_tag("s")[0], "s")) for c in cs]
+        assert len(set(hs)) == 1 and hs[0], hs
+        n = sum(sum(snapshots_by_session(p).values()) for p in ps)
+        assert n == 1, ("one snapshot in all", [snapshots_by_session(p) for p in ps])
+    finally:
+        for p in ps:
+            p.stop()
+
+
 @test
 def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
     port = pb.free_port()
