@@ -217,10 +217,41 @@ static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
 
 static void cmd_sasl_plain(struct sess *s, const char *p, size_t len);
 
+/* SASL LOGIN (draft-murchison-sasl-login): the client's first response is
+ * the user name, its second the password, each in base64. */
+static void cmd_sasl_login(struct sess *s, const char *p, size_t len)
+{
+    unsigned char out[1024];
+    size_t olen = 0;
+
+    while (len > 0 && (p[len - 1] == '\n' || p[len - 1] == '\r'))
+        len--;
+    if (len > 4 * sizeof(out) / 3 ||
+        mbedtls_base64_decode(out, sizeof(out), &olen, (const unsigned char *)p, len) != 0) {
+        s->sasl_login_step = 0;
+        return;
+    }
+    if (s->sasl_login_step == 1 && olen > 0) {
+        free(s->user_cand);
+        s->user_cand = xmemdup(out, olen);
+        s->sasl_login_step = 2;
+    } else if (s->sasl_login_step == 2) {
+        side_cred_drop(&s->pass_cand, &s->pass_cand_len);
+        s->pass_cand = xmemdup(out, olen);
+        s->pass_cand_len = olen;
+        s->sasl_login_step = 0;
+    }
+    mbedtls_platform_zeroize(out, sizeof(out));
+}
+
 void cmd_sasl_line(struct sess *s, const char *p, size_t len)
 {
-    if (s->is_sasl_plain && s->last_kind == CMD_AUTHENTICATE)
+    if (s->last_kind != CMD_AUTHENTICATE)
+        return;
+    if (s->is_sasl_plain)
         cmd_sasl_plain(s, p, len);
+    else if (s->sasl_login_step != 0)
+        cmd_sasl_login(s, p, len);
 }
 
 static void cmd_sasl_plain(struct sess *s, const char *p, size_t len)
@@ -303,6 +334,7 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         if (strcmp(s->name, "AUTHENTICATE") == 0 && ev->kind == TOK_ATOM) {
             s->is_plain_mech = cap_is_plaintext_mech(ev->data, ev->len);
             s->is_sasl_plain = ev->len == 5 && strncasecmp(ev->data, "PLAIN", 5) == 0;
+            s->sasl_login_step = ev->len == 5 && strncasecmp(ev->data, "LOGIN", 5) == 0 ? 1 : 0;
             free(s->user_cand); /* a failed earlier login leaves no name behind */
             s->user_cand = NULL;
         }
@@ -311,6 +343,8 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         /* SASL-IR (RFC 4959): the initial response is on the line. */
         if (strcmp(s->name, "AUTHENTICATE") == 0 && s->is_sasl_plain && ev->kind == TOK_ATOM)
             cmd_sasl_plain(s, ev->data, ev->len); /* last_kind is not set yet */
+        if (strcmp(s->name, "AUTHENTICATE") == 0 && s->sasl_login_step == 1 && ev->kind == TOK_ATOM)
+            cmd_sasl_login(s, ev->data, ev->len); /* SASL-IR: the user name */
         /* LOGIN's password, for STATUS HIGHESTMODSEQ's side connection
          * (proxy/side.h): memory only, kept after the upstream's OK. */
         if (strcmp(s->name, "LOGIN") == 0 && !s->is_logged_in &&

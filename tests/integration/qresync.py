@@ -817,6 +817,28 @@ def issue7_one_snapshotter_per_mailbox_across_processes(up):
             p.stop()
 
 
+@both
+def inv7_authenticate_login_identity_keys_the_state(up):
+    """DESIGN inv. 7: a session that logged in with AUTHENTICATE LOGIN (the
+    user name is its first SASL response) is keyed by that user like a
+    LOGIN one, so it gets mod-sequences, not NOMODSEQ."""
+    import base64
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.send("l AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+")
+        c.send(base64.b64encode(pb.USER.encode()).decode() + "\r\n")
+        assert c.line().startswith(b"+")
+        c.send(base64.b64encode(pb.PASS.encode()).decode() + "\r\n")
+        ok(c.until_tag("l")[0], "l")
+        lines = ok(c.cmd("s", "SELECT INBOX (CONDSTORE)"), "s")
+        assert highest(lines) is not None, lines
+        assert pb.PASS not in p.read_log(), "never logged"
+    finally:
+        p.stop()
+
+
 @test
 def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
     port = pb.free_port()
