@@ -839,6 +839,103 @@ def inv7_authenticate_login_identity_keys_the_state(up):
         p.stop()
 
 
+# ---- RFC 7162 examples as vectors (spec/EXAMPLES.md), on meaning
+
+
+@both
+def example_q_a03_q_sel6_known_uids_bound_what_is_told_and_closed_comes_first(up):
+    """Q-A03 / Q-SEL6 shape: a reconnect that knows UIDs 1:8 of 10 after
+    changes inside and outside that set: `* OK [CLOSED]` first (a mailbox
+    was selected), then HIGHESTMODSEQ, one VANISHED (EARLIER) for the known
+    set only, FETCH only for changed known messages; nothing about 9-10."""
+    mbox = new_mailbox(up, 10)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        cache = Cache(c, "s", mbox)
+        oob(up, mbox, "UID STORE 3,9 +FLAGS (\\Answered)", "UID STORE 2,10 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        c2 = qsession(p)
+        ok(c2.cmd("x", "EXAMINE INBOX"), "x")
+        lines = ok(c2.cmd("r", "SELECT %s (QRESYNC (%d %d 1:8))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "r")
+        assert lines[0].startswith(b"* OK [CLOSED]"), lines
+        assert [l for l in lines if l.startswith(b"* VANISHED")] == [b"* VANISHED (EARLIER) 2"], lines
+        assert set(fetches(lines)) == {3}, lines
+    finally:
+        p.stop()
+
+
+@both
+def example_q_b04_matching_sequence_data_leaves_no_vanished(up):
+    """Q-A04 / Q-B04 shape, without history (Redis flushed): every
+    sequence-match pair matches, so no VANISHED line at all; without the
+    pairs the computed VANISHED names only UIDs that are not live."""
+    mbox = new_mailbox(up, 9)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        cache = Cache(c, "s", mbox)
+        oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)")
+        redis(DB[up], "FLUSHDB")
+        c2 = qsession(p)
+        lines = ok(c2.cmd("a", "SELECT %s (QRESYNC (%d %d 1:9))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "a")
+        assert not (vanished_earlier(lines) & set(range(1, 10))), lines
+        lines = ok(c2.cmd("b", "SELECT %s (QRESYNC (%d %d 1:9 (3,6,9 3,6,9)))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "b")
+        assert not any(l.startswith(b"* VANISHED") for l in lines), lines
+        assert 4 in fetches(lines), "QR-38: after the flush every message's flags"
+    finally:
+        p.stop()
+
+
+@both
+def example_q_vf2_vanished_modifier_names_only_the_requested_set(up):
+    """Q-VF2 shape: `UID FETCH 3:6 (FLAGS) (CHANGEDSINCE m VANISHED)` names
+    the set's expunged UIDs before the FETCH lines, none outside it."""
+    mbox = new_mailbox(up, 8)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        oob(up, mbox, "UID STORE 2,4 +FLAGS (\\Deleted)", "UID STORE 5,7 +FLAGS (\\Seen)",
+            "EXPUNGE")
+        c2 = qsession(p)
+        ok(c2.cmd("x", "EXAMINE %s" % mbox), "x")  # the history gets them
+        lines = ok(c.cmd("f", "UID FETCH 3:6 (FLAGS) (CHANGEDSINCE %d VANISHED)" % h0), "f")
+        assert vanished_earlier(lines) == {4}, lines
+        # The refresh's NOOP may tell of 7 too (unsolicited, it changed).
+        assert set(fetches(lines)) - {7} <= {3, 5, 6} and 5 in fetches(lines), lines
+    finally:
+        p.stop()
+
+
+@both
+def example_q_uidexp_qr46_uid_expunge_under_qresync(up):
+    """Q-UIDEXP with QRESYNC enabled: `UID EXPUNGE 3:4` gives VANISHED 3:4
+    (never EXPUNGE) and a tagged OK [HIGHESTMODSEQ n] (QR-46)."""
+    mbox = new_mailbox(up, 6)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        caps = b" ".join(c.cmd("c", "CAPABILITY")).upper().split()
+        if b"UIDPLUS" not in caps:
+            raise AssertionError("the upstream offers no UIDPLUS: test not applicable")
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        ok(c.cmd("d", "UID STORE 3:5 +FLAGS.SILENT (\\Deleted)"), "d")
+        lines = ok(c.cmd("x", "UID EXPUNGE 3:4"), "x")
+        van = set()
+        for l in lines:
+            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
+                van |= uidset(l.split(b" ")[2])
+        assert van == {3, 4}, lines
+        assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
+        assert highest([lines[-1]]) is not None and highest([lines[-1]]) > h0, lines[-1]
+    finally:
+        p.stop()
+
+
 @test
 def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
     port = pb.free_port()
