@@ -149,6 +149,15 @@ def vanished_earlier(lines):
     return out
 
 
+def vanished_live(lines):
+    """UIDs in VANISHED lines without EARLIER."""
+    out = set()
+    for l in lines:
+        if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
+            out |= uidset(l.split(b" ")[2])
+    return out
+
+
 def fetches(lines):
     """{uid: (seq, flags, modseq)} of the FETCH lines."""
     out = {}
@@ -429,10 +438,7 @@ def qr40_qr45_expunge_answers_vanished_and_tagged_highestmodseq(up):
         ok(c.cmd("d", "UID STORE 2,4,5 +FLAGS.SILENT (\\Deleted)"), "d")
         lines = ok(c.cmd("x", "EXPUNGE"), "x")
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
-        van = set()
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_live(lines)
         assert van == {2, 4, 5}, lines
         h1 = highest([lines[-1]])
         assert h1 is not None and h1 > h0, ("QR-45: tagged HIGHESTMODSEQ", lines)
@@ -473,12 +479,8 @@ def qr40_expunge_by_another_session_reaches_noop_as_vanished_qr41_new_mail(up):
                 break
             time.sleep(0.5)
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in got), got
-        van = set()
-        for l in got:
-            if l.startswith(b"* VANISHED "):
-                assert b"EARLIER" not in l, "QR-43"
-                van |= uidset(l.split(b" ")[2])
-        assert van == {2, 6}, got
+        assert not vanished_earlier(got), "QR-43: live ones only"
+        assert vanished_live(got) == {2, 6}, got
     finally:
         p.stop()
 
@@ -507,10 +509,7 @@ def qr21_x5_uid_fetch_changedsince_vanished_lists_expunged_before_fetch(up):
         oob(up, mbox, "UID STORE 3 +FLAGS (\\Deleted)", "EXPUNGE")
         h1 = highest(lines)
         lines = ok(c.cmd("g", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h1), "g")
-        van = vanished_earlier(lines)
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_earlier(lines) | vanished_live(lines)
         assert van == {3}, lines
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
         assert not (van & set(truth(up, mbox))), lines
@@ -925,10 +924,7 @@ def example_q_uidexp_qr46_uid_expunge_under_qresync(up):
         h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
         ok(c.cmd("d", "UID STORE 3:5 +FLAGS.SILENT (\\Deleted)"), "d")
         lines = ok(c.cmd("x", "UID EXPUNGE 3:4"), "x")
-        van = set()
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_live(lines)
         assert van == {3, 4}, lines
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
         assert highest([lines[-1]]) is not None and highest([lines[-1]]) > h0, lines[-1]
