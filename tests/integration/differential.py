@@ -1423,6 +1423,19 @@ def qr_apply(cache, lines):
     return cache
 
 
+def qr_out_of_band(t, tr, box, uid_of, stores, gone):
+    """Another connection, straight on the server: flag changes, then an
+    EXPUNGE of the idents in gone. Returns the session, still open."""
+    d = Session(t.upstream, tr, "d")
+    d.cmd("SELECT %s" % box)
+    for i, st in stores:
+        d.cmd("UID STORE %d %s" % (uid_of[i], st))
+    for i in gone:
+        d.cmd("UID STORE %d +FLAGS (\\Deleted)" % uid_of[i])
+    d.cmd("EXPUNGE")
+    return d
+
+
 def run_qr_scenario(t):
     """The QRESYNC scenario on target t: setup, refusals, a client that
     caches the mailbox (through proxy A), changes while it is away, its
@@ -1487,13 +1500,7 @@ def run_qr_scenario(t):
         q.close()
 
         # Changes while the client is away.
-        d = Session(t.upstream, tr, "d")
-        d.cmd("SELECT %s" % box)
-        for i, st in QR_OOB_FLAGS:
-            d.cmd("UID STORE %d %s" % (uid_of[i], st))
-        for i in QR_OOB_GONE:
-            d.cmd("UID STORE %d +FLAGS (\\Deleted)" % uid_of[i])
-        d.cmd("EXPUNGE")
+        d = qr_out_of_band(t, tr, box, uid_of, QR_OOB_FLAGS, QR_OOB_GONE)
         lines = d.append(box, "\\Seen", qr_message(QR_NEW))
         m = re.search(rb"APPENDUID \d+ (\d+)", lines[-1])
         if m:
@@ -1517,14 +1524,7 @@ def run_qr_scenario(t):
         o["H2"] = max(highests(o["resync"]) or [0])
 
         # Live changes by another session, heard at NOOP.
-        d = Session(t.upstream, tr, "d")
-        d.cmd("SELECT %s" % box)
-        for i, st in QR_LIVE_FLAGS:
-            d.cmd("UID STORE %d %s" % (uid_of[i], st))
-        for i in QR_LIVE_GONE:
-            d.cmd("UID STORE %d +FLAGS (\\Deleted)" % uid_of[i])
-        d.cmd("EXPUNGE")
-        d.close()
+        qr_out_of_band(t, tr, box, uid_of, QR_LIVE_FLAGS, QR_LIVE_GONE).close()
         want_gone = {uid_of[i] for i in QR_LIVE_GONE}
         want_flag = {uid_of[i] for i, _ in QR_LIVE_FLAGS}
         got = []
