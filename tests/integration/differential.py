@@ -151,8 +151,9 @@ def fmt_flags(fs):
 # ------------------------------------------------------------- targets
 
 class Target:
-    def __init__(self, name, upstream, proxied, redis_db=0):
+    def __init__(self, name, upstream, proxied, redis_db=0, transparent=False):
         self.name = name
+        self.transparent = transparent
         self.upstream = upstream
         self.proxied = proxied
         self.redis_db = redis_db
@@ -161,6 +162,13 @@ class Target:
     @property
     def port(self):
         return self.proxies[0].port if self.proxies else self.upstream
+
+    def new_proxy(self):
+        """One qresyncd process on this target's Redis database; without
+        --condstore for a transparent target."""
+        args = [] if self.transparent else ["--condstore"]
+        return pb.Proxy(*args, "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
+                        upstream=self.upstream)
 
     @property
     def port2(self):
@@ -174,10 +182,7 @@ class Target:
             # Each proxied target keeps its state in its own Redis database:
             # both upstreams serve the same user, mailbox and UIDVALIDITY.
             for _ in range(2):
-                self.proxies.append(pb.Proxy(
-                    "--condstore", "--redis",
-                    "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
-                    upstream=self.upstream))
+                self.proxies.append(self.new_proxy())
 
     def stop(self):
         for p in self.proxies:
@@ -190,21 +195,33 @@ class Target:
             if p.proc.poll() is not None:
                 logs.append(p.read_log())
                 p.stop()
-                self.proxies[n] = pb.Proxy(
-                    "--condstore", "--redis",
-                    "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
-                    upstream=self.upstream)
+                self.proxies[n] = self.new_proxy()
         return "\n".join(logs)
 
+    def restart_first(self):
+        """Stops proxy A (SIGTERM) and starts a fresh process in its place
+        on the same Redis database; returns the old one's log."""
+        old = self.proxies[0]
+        self.old_logs = getattr(self, "old_logs", []) + [old.read_log()]
+        old.stop()
+        self.proxies[0] = self.new_proxy()
+
     def log(self):
-        return "\n".join(p.read_log() for p in self.proxies)
+        return "\n".join(getattr(self, "old_logs", []) + [p.read_log() for p in self.proxies])
 
 
 TARGETS = [Target("native", NATIVE_PORT, False),
            Target("proxy-dovecot", LEGACY_PORT, True, 1),
            Target("proxy-courier", COURIER_PORT, True, 2)]
 # Another mailbox of the seed, as each server names it.
-ARCHIVE = {"native": "Archive", "proxy-dovecot": "Archive", "proxy-courier": "INBOX.Archive"}
+ARCHIVE = {"native": "Archive", "proxy-dovecot": "Archive", "proxy-courier": "INBOX.Archive",
+           "transparent-native": "Archive"}
+# QR_DIFF_TRANSPARENT=1 adds, to the QRESYNC scenario only, qresyncd
+# without --condstore in front of the native Dovecot: it must pass the
+# upstream's own QRESYNC through unchanged (and it exercises every proxied
+# path of the harness while qresyncd does not offer QRESYNC itself).
+QR_EXTRA_TARGETS = ([Target("transparent-native", NATIVE_PORT, True, 5, transparent=True)]
+                    if os.environ.get("QR_DIFF_TRANSPARENT") == "1" else [])
 
 
 class Session:
@@ -1319,7 +1336,8 @@ def x13_cs30_cs31_upstream_highestmodseq_code_is_not_passed_through(targets):
 # A mailbox of its own, created and filled straight on each target's server
 # (so the CONDSTORE scenario above cannot disturb it). Idents are the order
 # of the APPENDs; QR_NEW is the message D delivers while the client is away.
-QRBOX = {"native": "QRTest", "proxy-dovecot": "QRTest", "proxy-courier": "INBOX.QRTest"}
+QRBOX = {"native": "QRTest", "proxy-dovecot": "QRTest", "proxy-courier": "INBOX.QRTest",
+         "transparent-native": "QRTest"}
 QR_COUNT = 24
 QR_NEW = QR_COUNT + 1
 # Out-of-band changes while the client is away (D, straight on the server).
@@ -1511,7 +1529,11 @@ def run_qr_scenario(t):
         d.close()
         o["truth_oob"] = qr_truth(t, tr, box)
 
-        # Q2 through proxy B (another qresyncd process on the same Redis).
+        # Q2 through proxy B (another qresyncd process on the same Redis);
+        # proxy A is replaced by a fresh process meanwhile, so what the
+        # third session gets through it comes from Redis alone.
+        if t.proxied:
+            t.restart_first()
         q = Session(t.port2, tr, "w")
         o["enable_q2"] = q.cmd("ENABLE QRESYNC")
         o["resync"] = q.cmd("SELECT %s (QRESYNC (%d %d %s))" % (box, uv, h1, compress(cache)))
@@ -1565,8 +1587,8 @@ def run_qr_scenario(t):
         o["closed_back"] = q.cmd("EXAMINE %s" % box)
         q.close()
 
-        # A third session (proxy A again): known-uids subset, seq-match
-        # data, a wrong UIDVALIDITY.
+        # A third session (through the fresh proxy A): known-uids subset,
+        # seq-match data, a wrong UIDVALIDITY.
         k = Session(t.port, tr, "s")
         k.cmd("ENABLE QRESYNC")
         sub = [uid_of[i] for i in QR_KNOWN_SUB]
@@ -2074,12 +2096,18 @@ def main():
                     for tag, cmd, lines in q["transcript"][-4:]:
                         print("  %s %s -> %r" % (tag, cmd, lines[-4:]))
                 sys.stdout.flush()
+        for t in QR_EXTRA_TARGETS if "qr" in scen else []:
+            t.start()
+            t0 = time.time()
+            qobs[t.name] = run_qr_scenario(t)
+            print("qresync scenario %s: %.1fs%s" % (t.name, time.time() - t0,
+                                                    ", " + qobs[t.name].get("error", "")))
         if "qr" in scen:
-            for t in TARGETS:
+            for t in TARGETS + QR_EXTRA_TARGETS:
                 for fn in QR_CHECKS:
                     report_qr("%s[%s]" % (fn.__name__, t.name), qobs[t.name],
                               lambda fn=fn, t=t: fn(t, qobs[t.name]))
-            for t in TARGETS:
+            for t in TARGETS + QR_EXTRA_TARGETS:
                 if t.proxied:
                     fn = diff_qr_answers_mean_what_native_answers
                     report_qr("%s[%s]" % (fn.__name__, t.name), qobs[t.name],
@@ -2099,7 +2127,7 @@ def main():
         for fn in EXTRA if obs else []:
             report(fn.__name__, lambda fn=fn: fn(TARGETS))
 
-        for t in TARGETS:
+        for t in TARGETS + QR_EXTRA_TARGETS:
             if not t.proxied:
                 continue
 
@@ -2111,7 +2139,7 @@ def main():
                 assert not errs, errs[:5]
             report("proxy_log_has_no_errors[%s]" % t.name, log_clean)
     finally:
-        for t in TARGETS:
+        for t in TARGETS + QR_EXTRA_TARGETS:
             t.stop()
     if os.environ.get("QR_DIFF_DUMP"):
         for name, o in list(obs.items()) + [("qr " + k, v) for k, v in qobs.items()]:
