@@ -54,8 +54,9 @@ changes while it is away (flags, three expunges including the highest UID,
 new mail), its reconnect through proxy B - another qresyncd process on the
 same Redis - with SELECT (QRESYNC (uidvalidity modseq known-uids)), others'
 changes heard at NOOP as VANISHED, its own EXPUNGE and UID EXPUNGE, UID
-FETCH (CHANGEDSINCE n VANISHED), [CLOSED], and a third session with a
-known-uids subset, seq-match data and a wrong UIDVALIDITY. The client's
+FETCH (CHANGEDSINCE n VANISHED), UID MOVE (or COPY + UID EXPUNGE without
+MOVE), [CLOSED], CLOSE, and a third session (through a fresh proxy A
+process) with a known-uids subset, seq-match data and a wrong UIDVALIDITY. The client's
 cache, updated only from what it was sent, must equal the upstream's state.
 Answers are compared with native Dovecot on meaning: tagged status, the
 messages (idents) and flags of FETCH lines, the messages named in VANISHED
@@ -1350,6 +1351,8 @@ QR_LIVE_GONE = [9, 10]
 # The client's own: EXPUNGE of 11; UID EXPUNGE of 12 while 13 is \Deleted too.
 QR_OWN_EXPUNGE, QR_OWN_UIDEXPUNGE, QR_OWN_KEPT = 11, 12, 13
 QR_KNOWN_SUB = list(range(1, 9))  # the known-uids subset of the third session
+QR_MOVED = 15  # UID MOVEd to Archive at the end of the second session
+QR_CLOSED = 14  # \Deleted and removed by CLOSE at its very end
 
 QR_PENDING = "QRESYNC not offered by this qresyncd (issue 6 not landed): pending, not counted"
 
@@ -1583,9 +1586,24 @@ def run_qr_scenario(t):
         o["cache_end"] = {u: dict(v) for u, v in cache.items()}
         o["truth_end"] = qr_truth(t, tr, box)
         # [CLOSED] when another mailbox gets selected, and when coming back.
+        # MOVE (QR-48) where the target offers it; elsewhere what a client
+        # does without it: UID COPY, UID STORE \Deleted, UID EXPUNGE.
+        o["has_move"] = b" MOVE" in caps.upper()
+        if o["has_move"]:
+            o["move"] = q.cmd("UID MOVE %d %s" % (uid_of[QR_MOVED], ARCHIVE[t.name]))
+        else:
+            q.cmd("UID COPY %d %s" % (uid_of[QR_MOVED], ARCHIVE[t.name]))
+            q.cmd("UID STORE %d +FLAGS.SILENT (\\Deleted)" % uid_of[QR_MOVED])
+            o["move"] = q.cmd("UID EXPUNGE %d" % uid_of[QR_MOVED])
+        o["before_move"] = max([top_now] + highests(o["fetch_vanished_none"]))
+        # [CLOSED] when another mailbox gets selected, and when coming back.
         o["closed_other"] = q.cmd("SELECT %s" % ARCHIVE[t.name])
-        o["closed_back"] = q.cmd("EXAMINE %s" % box)
+        o["closed_back"] = q.cmd("SELECT %s" % box)
+        # CLOSE expunges silently (QR-47); the next resync must list it.
+        o["st_close"] = q.cmd("UID STORE %d +FLAGS (\\Deleted)" % uid_of[QR_CLOSED])
+        o["close"] = q.cmd("CLOSE")
         q.close()
+        o["truth_final"] = qr_truth(t, tr, box)
 
         # A third session (through the fresh proxy A): known-uids subset,
         # seq-match data, a wrong UIDVALIDITY.
@@ -1608,12 +1626,15 @@ def run_qr_scenario(t):
 
 
 # The idents each part of the scenario must report.
-def qr_expect(o):
+def qr_expect(o, final=False):
     """ident sets: changed while away (live at reconnect), gone while away,
-    changed/gone since H1 at the UID FETCH, live at the end."""
+    changed/gone since H1 at the UID FETCH (final: after the MOVE and the
+    CLOSE too, for the third session)."""
     away_changed = {i for i, _ in QR_OOB_FLAGS} | {QR_NEW}
     away_gone = set(QR_OOB_GONE)
-    own = {QR_OWN_EXPUNGE, QR_OWN_UIDEXPUNGE}
+    # CLOSE removes QR_OWN_KEPT (still \Deleted) with QR_CLOSED.
+    own = {QR_OWN_EXPUNGE, QR_OWN_UIDEXPUNGE} | ({QR_MOVED, QR_CLOSED, QR_OWN_KEPT} if final
+                                               else set())
     gone_all = away_gone | set(QR_LIVE_GONE) | own
     changed_all = (away_changed | {i for i, _ in QR_LIVE_FLAGS} | {QR_OWN_KEPT}) - gone_all
     return away_changed, away_gone, changed_all, gone_all
@@ -1887,7 +1908,7 @@ def qr35_inv7_client_cache_equals_upstream_at_the_end(t, o):
 
 @qr_check
 def qr60_closed_when_another_mailbox_is_selected(t, o):
-    """QR-60: in a QRESYNC session, SELECT of another mailbox and EXAMINE
+    """QR-60: in a QRESYNC session, SELECT of another mailbox and SELECT
     back each start with `* OK [CLOSED]`, and only once."""
     qr_need(o)
     bad = []
@@ -1899,15 +1920,53 @@ def qr60_closed_when_another_mailbox_is_selected(t, o):
 
 
 @qr_check
+def qr48_move_answers_vanished_and_highestmodseq(t, o):
+    """QR-48 (RFC 6851 4.4), QR-40: UID MOVE under QRESYNC answers
+    `* VANISHED uid` (never EXPUNGE) and a HIGHESTMODSEQ (untagged OK or
+    tagged) above every modseq before, and COPYUID (untagged or tagged). A
+    target without MOVE: UID COPY, STORE, UID EXPUNGE (QR-46) instead."""
+    qr_need(o)
+    lines = o["move"]
+    early, live = vanished(lines)
+    bad = []
+    if live != {o["uid_of"][QR_MOVED]} or early:
+        bad.append("VANISHED %s (EARLIER %s), expected %d" % (sorted(live), sorted(early),
+                                                             o["uid_of"][QR_MOVED]))
+    if any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines):
+        bad.append("EXPUNGE after ENABLE QRESYNC")
+    h = highests(lines)
+    if len(h) != 1 or h[0] <= o["before_move"]:
+        bad.append("HIGHESTMODSEQ %s, must be one above %d" % (h, o["before_move"]))
+    if o["has_move"] and not any(b"[COPYUID " in l for l in lines):
+        bad.append("no COPYUID")
+    assert not bad, "\n".join(bad) + "\nanswer: %r" % lines
+
+
+@qr_check
+def qr47_close_expunges_silently_and_the_resync_lists_it(t, o):
+    """QR-47: CLOSE with two \\Deleted messages answers no VANISHED or
+    EXPUNGE and a tagged OK without HIGHESTMODSEQ; both are gone upstream
+    and the third session's resync names them in VANISHED (EARLIER)."""
+    qr_need(o)
+    lines = o["close"]
+    assert len(lines) == 1 and b"HIGHESTMODSEQ" not in lines[0], lines
+    early, _ = vanished(o["seqmatch"])
+    for i in (QR_CLOSED, QR_OWN_KEPT):
+        uid = o["uid_of"][i]
+        assert uid not in o["truth_final"], "CLOSE did not expunge UID %d" % uid
+        assert uid in early, "resync after CLOSE: %r" % o["seqmatch"]
+
+
+@qr_check
 def qr35_known_uids_subset_limits_the_answer(t, o):
     """QR-35, QR-21: SELECT (QRESYNC (uidvalidity h1 known-uids)) with the
     first eight idents: VANISHED (EARLIER) names the expunged ones among
     them and nothing outside the set, no live UID; FETCH lines only for
     messages changed since h1, at least those in the set."""
     qr_need(o)
-    _, _, changed_all, gone_all = qr_expect(o)
+    _, _, changed_all, gone_all = qr_expect(o, final=True)
     o["live_at"] = set(range(1, QR_NEW + 1)) - gone_all
-    o["truth_now"] = o["truth_end"]
+    o["truth_now"] = o["truth_final"]
     lines = o["known_sub"]
     sub = {o["uid_of"][i] for i in QR_KNOWN_SUB}
     bad = qr_order(lines)
@@ -1930,9 +1989,9 @@ def qr37_seq_match_data_is_honoured(t, o):
     is at or below the last matching pair) and no live one; FETCH lines of
     exactly the changed messages."""
     qr_need(o)
-    _, _, changed_all, gone_all = qr_expect(o)
+    _, _, changed_all, gone_all = qr_expect(o, final=True)
     o["live_at"] = set(range(1, QR_NEW + 1)) - gone_all
-    o["truth_now"] = o["truth_end"]
+    o["truth_now"] = o["truth_final"]
     lines = o["seqmatch"]
     bad = qr_order(lines)
     bad += qr_resync_problems(o, lines, set(o["uid_of"].values()), changed_all, gone_all, o["H1"])
@@ -1969,7 +2028,7 @@ def qr_meaning(o, key):
 
 QR_DIFF_KEYS = ["bad_sel_noenable", "bad_vanished_noenable", "bad_vanished_nonuid",
                 "bad_vanished_nocs", "resync", "new_mail", "noop", "expunge", "uidexpunge",
-                "fetch_vanished", "fetch_vanished_none", "known_sub", "seqmatch",
+                "fetch_vanished", "fetch_vanished_none", "move", "close", "known_sub", "seqmatch",
                 "uv_mismatch"]
 
 
