@@ -1619,10 +1619,62 @@ def run_qr_scenario(t):
             ",".join(str(o["seq1"][s]) for s in seqs)))
         o["uv_mismatch"] = k.cmd("SELECT %s (QRESYNC (%d %d))" % (box, uv + 1, h1))
         k.close()
+        try:
+            run_qr_reset(t, o)
+        except Exception as e:
+            o["reset_error"] = "%s: %s" % (type(e).__name__, e)
     except Exception as e:
         o["error"] = "%s: %s" % (type(e).__name__, e)
         o["error_tb"] = traceback.format_exc(limit=3)
     return o
+
+
+def flush_redis(db):
+    """FLUSHDB of one Redis database (the proxies' whole state for a
+    target), over a raw RESP connection."""
+    import socket
+    s = socket.create_connection(("127.0.0.1", REDIS_PORT), timeout=10)
+    s.sendall(b"SELECT %d\r\nFLUSHDB\r\n" % db)
+    got = b""
+    while got.count(b"\r\n") < 2:
+        d = s.recv(4096)
+        if not d:
+            break
+        got += d
+    s.close()
+    assert got == b"+OK\r\n+OK\r\n", got
+
+
+def run_qr_reset(t, o):
+    """QR-38: a client caches the mailbox, another connection changes a
+    flag and expunges a message, and (proxied targets) the proxies' whole
+    Redis state is flushed before the client reconnects with its old
+    HIGHESTMODSEQ. The answer must still bring the client to the
+    upstream's state: the changed flag, the expunged UID in VANISHED
+    (EARLIER), no live UID there. Native Dovecot (no reset) checks the
+    test itself."""
+    tr = o["transcript"]
+    box = QRBOX[t.name]
+    uid_of = o["uid_of"]
+    q = Session(t.port, tr, "g")
+    q.cmd("ENABLE QRESYNC")
+    sel = q.cmd("SELECT %s" % box)
+    h = highests(sel)[0]
+    cache = qr_apply({}, q.cmd("UID FETCH 1:* (UID FLAGS MODSEQ)"))
+    q.close()
+    o["reset_cache0"] = {u: dict(v) for u, v in cache.items()}
+    d = qr_out_of_band(t, tr, box, uid_of, [(16, "+FLAGS (\\Answered)")], [17])
+    d.close()
+    if t.proxied:
+        flush_redis(t.redis_db)
+    q = Session(t.port2, tr, "h")
+    q.cmd("ENABLE QRESYNC")
+    o["reset_resync"] = q.cmd("SELECT %s (QRESYNC (%d %d %s))" % (box, o["uv"], h,
+                                                                   compress(cache)))
+    qr_apply(cache, o["reset_resync"])
+    q.close()
+    o["reset_cache"] = cache
+    o["reset_truth"] = qr_truth(t, tr, box)
 
 
 # The idents each part of the scenario must report.
@@ -2009,6 +2061,29 @@ def qr33_uidvalidity_mismatch_is_a_plain_select(t, o):
     assert len(highests(lines)) == 1, lines
     extra = [l for l in lines if l.startswith(b"* VANISHED") or fetches([l])]
     assert not extra, extra
+
+
+@qr_check
+def qr38_qr22_resync_after_a_state_reset_converges(t, o):
+    """QR-38, QR-22, QR-49: after the proxies' Redis state was flushed, a
+    reconnect with the old HIGHESTMODSEQ and known-uids still brings the
+    client's cache to exactly the upstream's state (the flag changed and
+    the message expunged meanwhile included), with no live UID in
+    VANISHED (EARLIER)."""
+    qr_need(o)
+    assert "reset_error" not in o, o.get("reset_error")
+    early, live = vanished(o["reset_resync"])
+    truth = o["reset_truth"]
+    bad = []
+    if early & set(truth) or live:
+        bad.append("VANISHED names live UIDs %s / plain %s" % (sorted(early & set(truth)),
+                                                               sorted(live)))
+    bad += ["UID %d: client %s, upstream %s" % (u, fmt_flags(o["reset_cache"].get(u, {})
+                                                             .get("flags")),
+                                               fmt_flags(truth.get(u)))
+            for u in sorted(set(o["reset_cache"]) | set(truth))
+            if o["reset_cache"].get(u, {}).get("flags") != truth.get(u)]
+    assert not bad, "\n".join(bad) + "\nanswer: %r" % o["reset_resync"]
 
 
 # Differential checks of the QRESYNC scenario: the proxied target against
