@@ -63,9 +63,24 @@ bool cap_is_plaintext_mech(const char *name, size_t len)
 }
 
 /* Is this atom left out for this session's policy? */
-static bool cap_is_dropped(const char *atom, size_t len, const struct cap_policy *pol)
+/* CS-02, X12: extensions whose SEARCH keys or result forms would have to
+ * carry MODSEQ, which the proxy does not rewrite (SORT/THREAD criteria,
+ * ESEARCH/ESORT/CONTEXT results, SEARCHRES's saved set). Passed on, an
+ * upstream with a hidden CONDSTORE would answer with its own counter. */
+static bool cap_is_unserved_search(const char *atom, size_t len)
+{
+    return atom_is(atom, len, "ESEARCH") || atom_is(atom, len, "SORT") ||
+           atom_is(atom, len, "ESORT") || atom_is(atom, len, "SEARCHRES") ||
+           atom_has_prefix(atom, len, "SORT=") || atom_has_prefix(atom, len, "THREAD=") ||
+           atom_has_prefix(atom, len, "CONTEXT=");
+}
+
+static bool cap_is_dropped(const char *atom, size_t len, const struct cap_policy *pol,
+                           uint32_t up_bits)
 {
     if (cap_is_withheld(atom, len))
+        return true;
+    if (pol->add_condstore && !(up_bits & CAP_CONDSTORE) && cap_is_unserved_search(atom, len))
         return true;
     if (!pol->refuse_plain_auth)
         return false;
@@ -181,7 +196,7 @@ int cap_rewrite_line(const char *line, size_t len, const struct cap_policy *pol,
         size_t start = i;
         while (i < end && line[i] != ' ')
             i++;
-        if (i == start || cap_is_dropped(line + start, i - start, pol))
+        if (i == start || cap_is_dropped(line + start, i - start, pol, *bits_out))
             continue;
         if (!first)
             rc = buf_append(out, " ", 1, limit);
@@ -195,6 +210,9 @@ int cap_rewrite_line(const char *line, size_t len, const struct cap_policy *pol,
     if (pol->add_condstore && !(*bits_out & CAP_CONDSTORE)) {
         if (rc == 0)
             rc = cap_add(out, &first, "CONDSTORE", limit);
+        /* QR-01, QR-03: QRESYNC always with CONDSTORE, one feature switch. */
+        if (rc == 0 && !(*bits_out & CAP_QRESYNC))
+            rc = cap_add(out, &first, "QRESYNC", limit);
         if (rc == 0 && !(*bits_out & CAP_ENABLE))
             rc = cap_add(out, &first, "ENABLE", limit);
     }

@@ -13,7 +13,10 @@
  *     business, upstream-tls; a client's TLS ends at the proxy).
  * What else a session is offered is its struct cap_policy, appended after
  * the upstream's atoms in this order:
- *   - CONDSTORE (with ENABLE where missing) for sessions that get it,
+ *   - CONDSTORE and QRESYNC (with ENABLE where missing) for sessions that
+ *     get them (QR-01), minus the search extensions whose MODSEQ forms the
+ *     proxy does not rewrite (ESEARCH, SORT, ESORT, THREAD, CONTEXT,
+ *     SEARCHRES: CS-02),
  *     decided once per session (CS-01, DESIGN inv. 6), never added to an
  *     upstream that has CONDSTORE itself (X13);
  *   - STARTTLS where qresyncd itself offers it (a plain connection on a

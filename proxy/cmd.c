@@ -15,6 +15,7 @@
 
 #include "common/log.h"
 #include "common/xalloc.h"
+#include "common/seqset.h"
 #include "proxy/cap.h"
 #include "proxy/sess_tls.h"
 #include "proxy/sync.h"
@@ -153,6 +154,10 @@ static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
             s->en_condstore = true;
             return;
         }
+        if ((ev->len == 7 && strncasecmp(ev->data, "QRESYNC", 7) == 0)) {
+            s->en_qresync = true;
+            return;
+        }
         if (s->en_other.len > 0)
             (void)buf_append(&s->en_other, " ", 1, 4096);
         (void)buf_append(&s->en_other, ev->data, ev->len, 4096);
@@ -184,6 +189,8 @@ static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
             s->cs_from = from;
             s->cs_to = sd->seg_off;
         }
+        if (ev->len == 7 && strncasecmp(ev->data, "QRESYNC", 7) == 0)
+            s->has_qr_param = true;
     }
 }
 
@@ -229,6 +236,7 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         free(s->arg_mbox);
         s->arg_mbox = NULL;
         s->in_params = s->has_cs_param = s->en_condstore = false;
+        s->has_qr_param = s->en_qresync = false;
         s->n_params = s->en_n = 0;
         buf_clear(&s->en_other, 256);
         s->tag_ok =
@@ -323,6 +331,8 @@ static struct pending *cmd_send(struct sess *s, enum cmd_kind kind, struct buf_c
                                 const char *p1, size_t n1, const char *p2, size_t n2)
 {
     struct pending *p = pending_add(s, kind, s->tag, s->tag_len);
+    /* FETCH/STORE by numbers (CS-66); the UID forms never go here. */
+    p->no_expunge = (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "STORE") == 0);
     p->up_tag = ++s->next_tag;
     s->cur = p;
     s->cur_started = true;
@@ -346,9 +356,11 @@ struct pending *cmd_internal(struct sess *s, const char *text)
     p->up_tag = ++s->next_tag;
     p->is_internal = true;
 
-    char line[128];
-    int n = snprintf(line, sizeof(line), "Q%llu %s\r\n", (unsigned long long)p->up_tag, text);
-    sess_send(&s->up, NULL, line, (size_t)n);
+    char tag[24];
+    int n = snprintf(tag, sizeof(tag), "Q%llu ", (unsigned long long)p->up_tag);
+    sess_send(&s->up, NULL, tag, (size_t)n);
+    sess_send(&s->up, NULL, text, strlen(text));
+    sess_send(&s->up, NULL, "\r\n", 2);
     if (log_on(LOG_DEBUG)) {
         struct log_line l;
         log_begin(&l, LOG_DEBUG, "command.internal");
@@ -495,7 +507,7 @@ static bool cmd_fetch(struct sess *s, const char *b, size_t len, bool ended_in_l
     }
     /* Modifiers (RFC 4466 §2.4): CHANGEDSINCE only; VANISHED needs QRESYNC
      * (X9); anything else is BAD (CS-53). */
-    bool has_since = false, is_bad = false;
+    bool has_since = false, is_bad = false, has_vanished = false;
     uint64_t since = 0;
     if (i < n && tk[i].kind == TOK_LIST_OPEN) {
         for (i++; i < n && tk[i].kind != TOK_LIST_CLOSE; i++) {
@@ -503,6 +515,8 @@ static bool cmd_fetch(struct sess *s, const char *b, size_t len, bool ended_in_l
                 tk[i + 1].kind == TOK_NUMBER && tk[i + 1].num <= INT64_MAX) {
                 has_since = true;
                 since = tk[++i].num;
+            } else if (ltok_is(b, &tk[i], "VANISHED") && !has_vanished) {
+                has_vanished = true;
             } else {
                 is_bad = true; /* CS-10: above 2^63-1 too */
             }
@@ -512,6 +526,16 @@ static bool cmd_fetch(struct sess *s, const char *b, size_t len, bool ended_in_l
     if (i != n || is_bad || rc != 0) {
         buf_fini(&items);
         cmd_refuse(s, is_bad ? "BAD Invalid FETCH modifier" : "BAD Invalid FETCH arguments", false);
+        return true;
+    }
+    if (has_vanished && (!is_uid || !has_since || !s->is_qresync)) {
+        /* QR-20 (E2, E3, E4, X9): checked here, nothing forwarded. */
+        buf_fini(&items);
+        cmd_refuse(s,
+                   !s->is_qresync ? "BAD VANISHED needs ENABLE QRESYNC first"
+                   : !is_uid      ? "BAD VANISHED is valid with UID FETCH only"
+                                  : "BAD VANISHED needs CHANGEDSINCE",
+                   false);
         return true;
     }
     if (!has_modseq && !has_since && !(sets_seen && !has_flags)) {
@@ -540,7 +564,7 @@ static bool cmd_fetch(struct sess *s, const char *b, size_t len, bool ended_in_l
     s->is_condstore = true; /* CS-20 */
     if (has_since) {
         int src = sync_fetch_changedsince(s, is_uid, b + set->from, set->to - set->from, list.p,
-                                          list.len, since);
+                                          list.len, since, has_vanished);
         if (src == QR_EINVAL)
             cmd_refuse(s, "BAD Invalid message set", false);
         else if (src < 0)
@@ -672,10 +696,26 @@ static bool cmd_store(struct sess *s, struct buf_chunk *c, const char *b, size_t
     return true;
 }
 
-/* ENABLE for a session offered CONDSTORE (RFC 5161; EN-01..EN-04, X1):
- * the proxy owns CONDSTORE; other names go to an upstream that has ENABLE
- * (its `* ENABLED` gets CONDSTORE added, proxy/rsp.c), and are dropped
- * otherwise (EN-03). One `* ENABLED` line either way. */
+/* The `* ENABLED` names for EN_* bits. */
+const char *cmd_enabled_names(unsigned bits)
+{
+    switch (bits & (EN_CONDSTORE | EN_QRESYNC)) {
+    case EN_CONDSTORE:
+        return " CONDSTORE";
+    case EN_QRESYNC:
+        return " QRESYNC";
+    case EN_CONDSTORE | EN_QRESYNC:
+        return " CONDSTORE QRESYNC";
+    default:
+        return "";
+    }
+}
+
+/* ENABLE for a session offered CONDSTORE (RFC 5161; EN-01..EN-07, X1):
+ * the proxy owns CONDSTORE and QRESYNC (which implies CONDSTORE, QR-03);
+ * other names go to an upstream that has ENABLE (its `* ENABLED` gets the
+ * proxy's names added, proxy/rsp.c), and are dropped otherwise (EN-03). One
+ * `* ENABLED` line either way, naming what this command newly enabled. */
 static void cmd_enable(struct sess *s, bool ended_in_literal)
 {
     if (!s->is_logged_in) {
@@ -686,9 +726,18 @@ static void cmd_enable(struct sess *s, bool ended_in_literal)
         cmd_refuse(s, "BAD Missing or invalid capability names", ended_in_literal);
         return;
     }
-    bool newly = s->en_condstore && !s->is_condstore;
-    if (s->en_condstore)
+    /* EN-07: with the state store unreachable QRESYNC is not enabled, so
+     * its later uses get BAD rather than answers without history. */
+    bool qresync = s->en_qresync && s->ctx->store != NULL && store_is_up(s->ctx->store);
+    unsigned adds = 0;
+    if (s->en_condstore && !s->is_condstore)
+        adds |= EN_CONDSTORE;
+    if (qresync && !s->is_qresync)
+        adds |= EN_QRESYNC;
+    if (s->en_condstore || qresync)
         s->is_condstore = true; /* CS-20; lasts the session (EN-05) */
+    if (qresync)
+        s->is_qresync = true;
     if (s->en_other.len > 0 && (s->up_caps & CAP_ENABLE)) {
         struct buf line = {0};
         if (buf_append(&line, " ENABLE ", 8, SIZE_MAX) < 0 ||
@@ -699,38 +748,167 @@ static void cmd_enable(struct sess *s, bool ended_in_literal)
             return;
         }
         struct pending *p = cmd_send(s, CMD_ENABLE, NULL, line.p, line.len, NULL, 0);
-        p->adds_condstore = newly;
+        p->en_adds = (uint8_t)adds;
         buf_fini(&line);
         return;
     }
-    cmd_answer_lines(s, newly ? "* ENABLED CONDSTORE\r\n" : "* ENABLED\r\n", "OK ENABLE completed");
+    char untagged[48];
+    snprintf(untagged, sizeof(untagged), "* ENABLED%s\r\n", cmd_enabled_names(adds));
+    cmd_answer_lines(s, untagged, "OK ENABLE completed");
 }
 
-/* SELECT/EXAMINE as a CONDSTORE selection (CS-24, CS-30): the CONDSTORE
- * parameter is removed (the whole list when it was alone: `SELECT x ()` is
- * invalid) and proxy/sync.c takes over the answer. */
+/* QR-60: a SELECT/EXAMINE that closes the selected mailbox. The old one is
+ * finished first with the proxy's own UNSELECT (or, without UNSELECT, an
+ * EXAMINE that fails: RFC 3501 §6.3.1 leaves nothing selected; never CLOSE,
+ * which expunges), so no late response of the old mailbox can reach the
+ * client after `* OK [CLOSED]`, which proxy/rsp.c sends at its end. */
+static void cmd_close_first(struct sess *s)
+{
+    if (!s->offers_condstore || !s->is_selected)
+        return;
+    struct pending *p = cmd_internal(s, (s->up_caps & CAP_UNSELECT) ? "UNSELECT" : "EXAMINE \"\"");
+    p->is_closer = true;
+    s->is_selected = false;
+}
+
+/* Is t a sequence set (RFC 3501 sequence-set) without `*` (QR-31)? */
+static bool ltok_is_set(const char *b, const struct ltok *t)
+{
+    struct seqset set;
+    if (t->kind != TOK_ATOM && t->kind != TOK_NUMBER)
+        return false;
+    seqset_init(&set);
+    int rc = seqset_parse(&set, b + t->from, t->to - t->from, SEQSET_NO_STAR);
+    seqset_fini(&set);
+    return rc == 0;
+}
+
+/* The QRESYNC select parameter's list at tk[i] (its opening parenthesis):
+ * `(uidvalidity modseq [known-uids] [(seqs uids)])` (QR-31). Fills q
+ * (strings allocated) and returns the index after its closing parenthesis,
+ * or -1 when it is not valid. */
+static int cmd_qresync_param(const char *b, const struct ltok *tk, int n, int i,
+                             struct qr_select *q)
+{
+    if (i >= n || tk[i].kind != TOK_LIST_OPEN)
+        return -1;
+    unsigned d = tk[i].depth + 1;
+    i++;
+    /* X4, E14: UIDVALIDITY 0 is accepted and never matches; modseq 0 is a
+     * client that knows nothing (QR-31). E10: above 2^63-1 is BAD. */
+    if (i + 1 >= n || tk[i].kind != TOK_NUMBER || tk[i].num > UINT32_MAX ||
+        tk[i + 1].kind != TOK_NUMBER || tk[i + 1].num > INT64_MAX)
+        return -1;
+    q->uidvalidity = (uint32_t)tk[i].num;
+    q->modseq = tk[i + 1].num;
+    i += 2;
+    if (i < n && tk[i].depth == d && tk[i].kind != TOK_LIST_OPEN && tk[i].kind != TOK_LIST_CLOSE) {
+        if (!ltok_is_set(b, &tk[i]))
+            return -1;
+        q->known_uids = xmemdup(b + tk[i].from, tk[i].to - tk[i].from);
+        i++;
+    }
+    if (i < n && tk[i].kind == TOK_LIST_OPEN) {
+        if (i + 3 >= n || !ltok_is_set(b, &tk[i + 1]) || !ltok_is_set(b, &tk[i + 2]) ||
+            tk[i + 3].kind != TOK_LIST_CLOSE)
+            return -1;
+        q->seqs = xmemdup(b + tk[i + 1].from, tk[i + 1].to - tk[i + 1].from);
+        q->uids = xmemdup(b + tk[i + 2].from, tk[i + 2].to - tk[i + 2].from);
+        i += 4;
+    }
+    if (i >= n || tk[i].kind != TOK_LIST_CLOSE || tk[i].depth != d)
+        return -1;
+    return i + 1;
+}
+
+/* SELECT/EXAMINE as a CONDSTORE selection (CS-24, CS-30) or a QRESYNC one
+ * (QR-30..QR-36): the proxy's parameters (CONDSTORE, QRESYNC (...)) are
+ * removed, the list too when nothing else was in it (`SELECT x ()` is
+ * invalid), others go upstream for it to judge (GEN-05); proxy/sync.c
+ * takes over the answer. A bad QRESYNC parameter is answered BAD here and
+ * nothing is selected or closed (QR-31). */
 static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_t len)
 {
     struct side *sd = &s->cli;
-    size_t from = 0, to = 0;
+    struct ltok tk[LTOK_MAX];
+    int n = cmd_line_tokens(s, b, len, tk);
+    struct qr_select q = {0};
+    bool has_qr = false, has_cs = false, is_bad = n < 3;
+    struct buf kept = {0};
+    size_t head_end = len;
 
-    s->is_condstore = true; /* CS-24: enabling from this very SELECT */
-    if (s->has_cs_param) {
-        if (s->n_params == 1) {
-            from = s->params_from;
-            to = s->params_to;
-        } else {
-            from = s->cs_from;
-            to = s->cs_to;
-            if (from > 0 && b[from - 1] == '(' && to < len && b[to] == ' ')
-                to++; /* "(CONDSTORE X)" -> "(X)" */
+    if (!is_bad && n > 3 && tk[3].kind == TOK_LIST_OPEN && tk[3].depth == 0) {
+        head_end = tk[2].to;
+        int i = 4;
+        while (!is_bad && i < n && tk[i].depth >= 1 &&
+               !(tk[i].kind == TOK_LIST_CLOSE && tk[i].depth == 1)) {
+            if (ltok_is(b, &tk[i], "CONDSTORE") && tk[i].depth == 1) {
+                has_cs = true;
+                i++;
+            } else if (ltok_is(b, &tk[i], "QRESYNC") && tk[i].depth == 1) {
+                int next = has_qr ? -1 : cmd_qresync_param(b, tk, n, i + 1, &q);
+                is_bad = next < 0; /* QR-31; a repeated one too */
+                has_qr = true;
+                i = next < 0 ? i : next;
+            } else {
+                /* Someone else's parameter, with its value: kept as sent. */
+                size_t from = tk[i].from;
+                i++;
+                while (i < n && !(tk[i].depth == 1 && tk[i].kind == TOK_ATOM) &&
+                       !(tk[i].kind == TOK_LIST_CLOSE && tk[i].depth == 1))
+                    i++;
+                size_t to = i < n ? tk[i].from : len;
+                while (to > from && b[to - 1] == ' ')
+                    to--;
+                if ((kept.len > 0 && buf_append(&kept, " ", 1, SIZE_MAX) < 0) ||
+                    buf_append(&kept, b + from, to - from, SIZE_MAX) < 0)
+                    is_bad = true;
+            }
         }
+        is_bad |= i + 1 != n; /* the list closes the line */
+    } else if (!is_bad && n != 3) {
+        is_bad = s->has_qr_param;
     }
-    if (to <= from || to > len || from < sd->tag_end)
-        from = to = len;
-    struct pending *p =
-        cmd_send(s, CMD_SELECT, c, b + sd->tag_end, from - sd->tag_end, b + to, len - to);
+    if (n < 0) {
+        cmd_refuse(s, "BAD SELECT line too complex", false);
+        return;
+    }
+    if (is_bad || (has_qr && !s->is_qresync)) {
+        /* QR-30 (E1), QR-31 (E5): nothing forwarded, nothing closed. */
+        sync_qr_free(&q);
+        buf_fini(&kept);
+        cmd_refuse(s,
+                   is_bad ? "BAD Invalid QRESYNC select parameter"
+                          : "BAD QRESYNC must be enabled first (ENABLE QRESYNC)",
+                   false);
+        return;
+    }
+    s->is_condstore = true; /* CS-24: enabling from this very SELECT */
+    cmd_close_first(s);
+    struct buf line = {0};
+    int rc = buf_append(&line, b + sd->tag_end, head_end - sd->tag_end, SIZE_MAX);
+    if (rc == 0 && kept.len > 0) {
+        rc |= buf_append(&line, " (", 2, SIZE_MAX);
+        rc |= buf_append(&line, kept.p, kept.len, SIZE_MAX);
+        rc |= buf_append(&line, ")", 1, SIZE_MAX);
+    }
+    if (rc == 0 && head_end != len)
+        rc = buf_append(&line, "\r\n", 2, SIZE_MAX);
+    buf_fini(&kept);
+    if (rc != 0) {
+        buf_fini(&line);
+        sync_qr_free(&q);
+        sess_fail(s, QR_ENOMEM, "select");
+        return;
+    }
+    (void)has_cs;
+    (void)c;
+    struct pending *p = cmd_send(s, CMD_SELECT, NULL, line.p, line.len, NULL, 0);
+    p->is_select = true;
+    buf_fini(&line);
     sync_select_sent(s, p, s->arg_mbox, s->arg_mbox_len, false);
+    if (has_qr)
+        sync_select_qresync(s, &q); /* takes q's strings */
 }
 
 /* What TLS decides of a command before it may go upstream (proxy/sess_tls.h):
@@ -772,6 +950,20 @@ static bool cmd_tls(struct sess *s, bool ended_in_literal)
     return false;
 }
 
+/* Whether the word after `UID` in the line b[0..len) is word. */
+static bool cmd_word2_is(const struct sess *s, const char *b, size_t len, const char *word)
+{
+    size_t i = s->cli.tag_end, n = strlen(word);
+    while (i < len && b[i] == ' ')
+        i++;
+    while (i < len && b[i] != ' ')
+        i++; /* UID */
+    while (i < len && b[i] == ' ')
+        i++;
+    return i + n <= len && strncasecmp(b + i, word, n) == 0 &&
+           (i + n == len || b[i + n] == ' ' || b[i + n] == '\r');
+}
+
 /* Whether word occurs in b[0..len), any case. */
 static bool cmd_mentions(const char *b, size_t len, const char *word)
 {
@@ -799,6 +991,79 @@ static bool cmd_needs_tracking(struct sess *s, const char *b, size_t len)
     return false;
 }
 
+static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
+                           bool ended_in_literal);
+
+/* RFC 3501 §7.4.1, QR-42: a FETCH, STORE or SEARCH by message numbers, or
+ * a UID SEARCH (its criteria may hold message numbers), during which no
+ * expunge may be told to the client. */
+static bool cmd_forbids_expunge(const struct sess *s, const char *b, size_t len)
+{
+    if (strcmp(s->name, "FETCH") == 0 || strcmp(s->name, "STORE") == 0 ||
+        strcmp(s->name, "SEARCH") == 0)
+        return true;
+    return strcmp(s->name, "UID") == 0 && cmd_word2_is(s, b, len, "SEARCH");
+}
+
+/* Keys whose argument is a number, never a message set. */
+static bool search_key_takes_number(const char *b, const struct ltok *t)
+{
+    return ltok_is(b, t, "LARGER") || ltok_is(b, t, "SMALLER") || ltok_is(b, t, "UID") ||
+           ltok_is(b, t, "MODSEQ") || ltok_is(b, t, "OLDER") || ltok_is(b, t, "YOUNGER");
+}
+
+static bool looks_like_set(const char *b, const struct ltok *t)
+{
+    if (t->kind != TOK_ATOM && t->kind != TOK_NUMBER)
+        return false;
+    for (size_t i = t->from; i < t->to; i++) {
+        if (!((b[i] >= '0' && b[i] <= '9') || b[i] == ':' || b[i] == ',' || b[i] == '*'))
+            return false;
+    }
+    return true;
+}
+
+/* CS-66: while expunges are held back, the client's message numbers are
+ * not the upstream's: a FETCH/STORE/COPY/MOVE set and the message-set keys
+ * of SEARCH/UID SEARCH criteria are put in the upstream's numbers. Returns
+ * the new line in *out (0), 1 when the line needs nothing, or -1 when the
+ * set names only messages gone upstream (answered here). */
+static int cmd_translate(struct sess *s, const char *b, size_t len, struct buf *out)
+{
+    struct ltok tk[LTOK_MAX];
+    int n = cmd_line_tokens(s, b, len, tk);
+    bool is_uid = n > 2 && ltok_is(b, &tk[1], "UID");
+    int first = is_uid ? 3 : 2;
+    bool is_search = n > first && ltok_is(b, &tk[first - 1], "SEARCH");
+    bool is_set_cmd = !is_uid && n > 2 &&
+                      (ltok_is(b, &tk[1], "FETCH") || ltok_is(b, &tk[1], "STORE") ||
+                       ltok_is(b, &tk[1], "COPY") || ltok_is(b, &tk[1], "MOVE"));
+    size_t at = 0;
+    int rc = 0;
+
+    if (n < 0 || (!is_search && !is_set_cmd))
+        return 1;
+    for (int i = first; i < n && rc == 0; i++) {
+        if (is_set_cmd ? i != 2
+                       : (!looks_like_set(b, &tk[i]) || search_key_takes_number(b, &tk[i - 1])))
+            continue;
+        char *up = sync_to_up_set(s, b + tk[i].from, tk[i].to - tk[i].from);
+        if (up == NULL)
+            continue; /* not a set after all: the upstream judges it */
+        if (up[0] == '\0' && is_set_cmd) {
+            free(up);
+            return -1;
+        }
+        rc |= buf_append(out, b + at, tk[i].from - at, SIZE_MAX);
+        /* An empty message set inside criteria: matches nothing. */
+        rc |= buf_append(out, up[0] ? up : "NOT ALL", up[0] ? strlen(up) : 7, SIZE_MAX);
+        at = tk[i].to;
+        free(up);
+    }
+    rc |= buf_append(out, b + at, len - at, SIZE_MAX);
+    return rc == 0 ? 0 : 1;
+}
+
 /* The first segment of a client command: give it the proxy's tag and send
  * it upstream, or answer it here. */
 static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
@@ -820,9 +1085,35 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         return;
     }
 
+    struct buf tr = {0};
+    if (sync_has_held(s) && !ended_in_literal) {
+        int trc = cmd_translate(s, b, len, &tr);
+        if (trc < 0) {
+            buf_fini(&tr);
+            cmd_refuse(s, "NO [EXPUNGEISSUED] The messages were expunged", false);
+            return;
+        }
+        if (trc == 0) {
+            c = NULL; /* the line is the translated copy from here on */
+            b = tr.p;
+            len = tr.len;
+        }
+    }
+    cmd_begin_line(s, c, b, len, ended_in_literal);
+    buf_fini(&tr);
+}
+
+/* cmd_begin for a line in the client's terms (or translated). */
+static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
+                           bool ended_in_literal)
+{
+    struct side *sd = &s->cli;
+
+    sync_command_starts(s, cmd_forbids_expunge(s, b, len));
     if (s->offers_condstore && sync_can_upgrade(s) && !ended_in_literal &&
         (cmd_needs_tracking(s, b, len) ||
-         (strcmp(s->name, "ENABLE") == 0 && s->en_condstore && !s->is_condstore))) {
+         (strcmp(s->name, "ENABLE") == 0 && (s->en_condstore || s->en_qresync) &&
+          !s->is_condstore))) {
         /* CS-23, EN-06: snapshot now, announce HIGHESTMODSEQ, then run it. */
         sync_upgrade(s, b, len, strcmp(s->name, "ENABLE") == 0);
         s->cur_started = true;
@@ -861,13 +1152,22 @@ static void cmd_begin(struct sess *s, struct buf_chunk *c, const char *b, size_t
         return;
     if (s->offers_condstore && s->is_logged_in && !ended_in_literal &&
         (strcmp(s->name, "SELECT") == 0 || strcmp(s->name, "EXAMINE") == 0) &&
-        (s->is_condstore || s->has_cs_param) && !s->in_params) {
+        (s->is_condstore || s->has_cs_param || s->has_qr_param) && !s->in_params) {
         cmd_select(s, c, b, len);
         return;
     }
 
+    bool is_select = strcmp(s->name, "SELECT") == 0 || strcmp(s->name, "EXAMINE") == 0;
+    if (is_select && s->is_logged_in)
+        cmd_close_first(s); /* QR-60 */
     enum cmd_kind kind = cmd_kind_of(s->name);
     struct pending *p = pending_add(s, kind, s->tag, s->tag_len);
+    p->is_select = is_select;
+    p->no_expunge = cmd_forbids_expunge(s, b, len);
+    p->is_seq_search = strcmp(s->name, "SEARCH") == 0;
+    p->is_close = strcmp(s->name, "CLOSE") == 0 || strcmp(s->name, "UNSELECT") == 0;
+    p->is_expunge = strcmp(s->name, "EXPUNGE") == 0 ||
+                    (strcmp(s->name, "UID") == 0 && cmd_word2_is(s, b, len, "EXPUNGE"));
     p->up_tag = ++s->next_tag;
     s->cur = p;
     s->cur_started = true;

@@ -52,6 +52,10 @@ void cmd_replay(struct sess *s, const char *line, size_t len, unsigned ntok, siz
  * PLAIN, the identity in it becomes the login's candidate user. */
 void cmd_sasl_line(struct sess *s, const char *p, size_t len);
 
+/* The `* ENABLED` names (" CONDSTORE", " QRESYNC", both, or "") for a
+ * set of EN_* bits (proxy/sess_types.h). */
+const char *cmd_enabled_names(unsigned bits);
+
 /* Free the whole FIFO (session teardown). */
 void cmd_pending_free_all(struct sess *s);
 

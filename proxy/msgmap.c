@@ -18,6 +18,7 @@ void msgmap_clear(struct msgmap *m)
 {
     m->n = 0;
     m->n_unknown = 0;
+    m->top = 0;
 }
 
 int msgmap_exists(struct msgmap *m, uint32_t n)
@@ -50,6 +51,10 @@ int msgmap_expunge(struct msgmap *m, uint32_t seq, uint32_t *uid_out)
         m->n_unknown--;
     memmove(m->uid + seq - 1, m->uid + seq, (size_t)(m->n - seq) * sizeof(*m->uid));
     m->n--;
+    if (seq <= m->top)
+        m->top--;
+    while (m->top > 0 && m->uid[m->top - 1] == 0)
+        m->top--;
     return 0;
 }
 
@@ -65,7 +70,9 @@ int msgmap_set(struct msgmap *m, uint32_t seq, uint32_t uid)
             break;
         }
     }
-    for (uint32_t i = seq; i < m->n; i++) {
+    /* The next known UID above; none beyond top (a map filled in order
+     * must not walk its unknown tail every time: that was quadratic). */
+    for (uint32_t i = seq; i < m->top; i++) {
         if (m->uid[i] != 0) {
             if (m->uid[i] <= uid)
                 return QR_EINVAL;
@@ -75,6 +82,8 @@ int msgmap_set(struct msgmap *m, uint32_t seq, uint32_t uid)
     if (m->uid[seq - 1] == 0)
         m->n_unknown--;
     m->uid[seq - 1] = uid;
+    if (seq > m->top)
+        m->top = seq;
     return 0;
 }
 
@@ -97,6 +106,20 @@ uint32_t msgmap_seq(const struct msgmap *m, uint32_t uid)
             hi = mid;
     }
     return 0;
+}
+
+uint32_t msgmap_count_below(const struct msgmap *m, uint32_t uid)
+{
+    uint32_t lo = 0, hi = m->n;
+
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (m->uid[mid] != 0 && m->uid[mid] < uid)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
 }
 
 uint32_t msgmap_first_unknown(const struct msgmap *m)

@@ -26,6 +26,7 @@ struct msgmap {
     uint32_t n;    /* EXISTS */
     uint32_t cap;
     uint32_t n_unknown;
+    uint32_t top; /* slots up to the last known UID; none known above it */
 };
 
 void msgmap_init(struct msgmap *m);
@@ -54,6 +55,10 @@ uint32_t msgmap_uid(const struct msgmap *m, uint32_t seq);
 /* Sequence number of uid, 0 when absent. Needs the map complete around
  * uid (no unknown slots); O(log n). */
 uint32_t msgmap_seq(const struct msgmap *m, uint32_t uid);
+
+/* How many messages have a known UID below uid (unknown slots count as
+ * above every UID); O(log n). */
+uint32_t msgmap_count_below(const struct msgmap *m, uint32_t uid);
 
 /* Lowest sequence number whose UID is unknown, 0 when all are known. */
 uint32_t msgmap_first_unknown(const struct msgmap *m);

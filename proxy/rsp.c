@@ -30,28 +30,55 @@ static void rsp_send_tag(struct sess *s)
 }
 
 /* Emit b[0..len), the start of the current upstream line, with the tag
- * mapped back to the client's, and the [MODIFIED set] code a conditional
- * STORE's completion carries (CS-41) right after its status word. */
+ * mapped back to the client's, and the code the proxy adds to a tagged
+ * completion right after its status word: [MODIFIED set] of a conditional
+ * STORE (CS-41), [HIGHESTMODSEQ n] of an EXPUNGE that removed messages
+ * (QR-45, QR-46). Where the RFC allows it, or the line has a code of its
+ * own, an untagged OK before it carries the code instead (QR-48, GEN-02). */
 static void rsp_emit_head(struct sess *s, struct buf_chunk *c, const char *b, size_t len)
 {
     size_t skip = 0;
 
     if (s->rl_kind == RL_TAGGED && !s->rl_tag_sent && s->rl_cmd != NULL) {
+        sync_before_tagged(s, s->rl_cmd); /* held expunges, where allowed */
         const char *code = sync_tagged_code(s, s->rl_cmd);
-        rsp_send_tag(s);
         skip = s->up.tag_end < len ? s->up.tag_end : len;
+        size_t w = skip;
+        while (w < len && b[w] == ' ')
+            w++;
+        while (w < len && b[w] != ' ' && b[w] != '\r' && b[w] != '\n')
+            w++;
+        bool has_code = w + 1 < len && b[w] == ' ' && b[w + 1] == '[';
+        bool is_ok = w - skip >= 2 && strncasecmp(b + w - 2, "OK", 2) == 0;
+        if (code != NULL && (has_code || !sync_code_is_tagged(s, s->rl_cmd) ||
+                             (!is_ok && strncmp(code, "MODIFIED", 8) != 0))) {
+            /* GEN-02: one code per response; an untagged OK carries ours. */
+            sess_send(&s->cli, NULL, "* OK [", 6);
+            sess_send(&s->cli, NULL, code, strlen(code));
+            sess_send(&s->cli, NULL, "] Highest\r\n", 11);
+            code = NULL;
+        }
+        rsp_send_tag(s);
         if (code != NULL) {
-            size_t w = skip;
-            while (w < len && b[w] == ' ')
-                w++;
-            while (w < len && b[w] != ' ' && b[w] != '\r' && b[w] != '\n')
-                w++;
             sess_send(&s->cli, c, b + skip, w - skip);
-            sess_send(&s->cli, NULL, " [MODIFIED ", 11);
+            sess_send(&s->cli, NULL, " [", 2);
             sess_send(&s->cli, NULL, code, strlen(code));
             sess_send(&s->cli, NULL, "]", 1);
             skip = w;
         }
+    }
+    if (s->rl_kind == RL_UNTAGGED && s->rl_has_num && !s->rl_renumbered && sync_has_held(s) &&
+        (strcmp(s->rl_word2, "FETCH") == 0 || strcmp(s->rl_word2, "EXISTS") == 0)) {
+        /* CS-66: expunges held back; the client's numbers lag behind. */
+        size_t end = sync_num_end(b, len);
+        if (end > 0) {
+            char head[24];
+            uint32_t n = sync_cli_number(s, s->rl_num, strcmp(s->rl_word2, "EXISTS") == 0);
+            int k = snprintf(head, sizeof(head), "* %u", n);
+            sess_send(&s->cli, NULL, head, (size_t)k);
+            skip = end;
+        }
+        s->rl_renumbered = true;
     }
     sess_send(&s->cli, c, b + skip, len - skip);
 }
@@ -62,7 +89,7 @@ enum fp_want { FP_NONE = 0, FP_NAME, FP_UID, FP_FLAGS, FP_SKIP };
 static struct pending *rsp_enable_merge(struct sess *s)
 {
     for (struct pending *p = s->head; p != NULL; p = p->next) {
-        if (p->kind == CMD_ENABLE && p->adds_condstore && !p->is_done)
+        if (p->kind == CMD_ENABLE && p->en_adds != 0 && !p->is_done)
             return p;
     }
     return NULL;
@@ -135,6 +162,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         s->rl_cap = s->rl_code = s->rl_tag_sent = false;
         s->rl_has_num = s->rl_swallow = s->rl_uidvalidity = s->rl_enabled = false;
         s->rl_enrich = s->rl_search = s->rl_drop = false;
+        s->rl_uidnext = s->rl_expunge = s->rl_vanished = false;
+        s->rl_stat = s->rl_stat_next = s->rl_renumbered = false;
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)
@@ -175,6 +204,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
                 sd->is_streaming = true;
         } else if (word_is(ev->data, ev->len, "CAPABILITY")) {
             s->rl_cap = true;
+        } else if (word_is(ev->data, ev->len, "STATUS") && sync_swallows_status(s)) {
+            s->rl_stat = true; /* the proxy's own: read, not relayed */
         } else if (word_is(ev->data, ev->len, "SEARCH") && sync_search_pending(s)) {
             s->rl_search = true; /* held to its end: gets (MODSEQ m), CS-61 */
         } else if (word_is(ev->data, ev->len, "ENABLED") && rsp_enable_merge(s) != NULL) {
@@ -201,6 +232,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
                 s->fp_uid = 0;
                 s->fp_has_flags = false;
                 buf_clear(&s->fp_flags, 4096);
+            } else if (strcmp(s->rl_word2, "EXPUNGE") == 0 && sync_vanishes(s)) {
+                s->rl_expunge = true; /* QR-40: becomes VANISHED */
             } else {
                 sd->is_streaming = true;
             }
@@ -211,6 +244,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
             s->rl_cap = true;
         if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UIDVALIDITY"))
             s->rl_uidvalidity = true;
+        if (s->rl_code && ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UIDNEXT"))
+            s->rl_uidnext = true;
         /* X13: an upstream that does not advertise CONDSTORE is legacy
          * whatever codes it sends (a Dovecot with CONDSTORE hidden still
          * reports its own counter); only the proxy's mod-sequences reach a
@@ -225,6 +260,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
     case 4:
         if (s->rl_uidvalidity && ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX)
             sync_uidvalidity(s, (uint32_t)ev->num);
+        if (s->rl_uidnext && ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX)
+            sync_uidnext(s, (uint32_t)ev->num);
         if (s->rl_swallow || s->rl_enrich)
             rsp_fetch_item(s, ev);
         break;
@@ -232,6 +269,12 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         if (s->rl_swallow || s->rl_enrich)
             rsp_fetch_item(s, ev);
         break;
+    }
+    if (s->rl_stat && sd->ntok > 3) {
+        /* `* STATUS name (UIDNEXT n)` of the proxy's own STATUS */
+        if (s->rl_stat_next && ev->kind == TOK_NUMBER && ev->num <= UINT32_MAX)
+            sync_uidnext(s, (uint32_t)ev->num);
+        s->rl_stat_next = ev->kind == TOK_ATOM && word_is(ev->data, ev->len, "UIDNEXT");
     }
 }
 
@@ -251,7 +294,7 @@ static void rsp_line_done(struct sess *s)
         sync_exists(s, s->rl_num);
     if (s->rl_swallow)
         sync_fetch_data(s, s->rl_num, s->fp_uid, s->fp_flags.p, s->fp_flags.len);
-    if (s->rl_has_num && strcmp(s->rl_word2, "EXPUNGE") == 0)
+    if (s->rl_has_num && strcmp(s->rl_word2, "EXPUNGE") == 0 && !s->rl_vanished)
         sync_expunge(s, s->rl_num);
 
     if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) &&
@@ -277,6 +320,15 @@ static void rsp_line_done(struct sess *s)
         }
         if (p->kind == CMD_AUTHENTICATE || p->kind == CMD_IDLE)
             s->raw_lines = 0;
+        if (p->is_select)
+            s->is_selected = ok; /* RFC 3501 §6.3.1: a failed one leaves none */
+        if (p->is_close && ok)
+            s->is_selected = false;
+        if (p->is_closer) {
+            /* QR-60: every line before concerns the old mailbox. */
+            static const char closed[] = "* OK [CLOSED] Previous mailbox closed\r\n";
+            sess_send(&s->cli, NULL, closed, sizeof(closed) - 1);
+        }
         p->is_done = true;
         if (p->kind == CMD_SELECT || p->kind == CMD_INTERNAL || p->kind == CMD_OTHER)
             sync_completed(s, p, ok);
@@ -320,13 +372,15 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
 {
     struct side *sd = &s->up;
 
-    if (s->rl_swallow || s->rl_drop) {
+    if (s->rl_swallow || s->rl_drop || s->rl_stat) {
         /* the proxy's own data, or the upstream's mod-sequence codes */
     } else if (is_eol && s->rl_enrich && s->fp_has_flags && !sd->is_streaming &&
                (sync_fetch_uid(s, s->rl_num, s->fp_uid),
                 sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,
                                  s->fp_flags.len))) {
         /* held for its MODSEQ (proxy/sync.c) */
+    } else if (is_eol && s->rl_expunge && (s->rl_vanished = sync_vanish_line(s, s->rl_num))) {
+        /* QR-40: sent as `* VANISHED uid` once recorded (proxy/sync.c) */
     } else if (is_eol && s->rl_search && sync_search_line(s, b, len)) {
         /* held for its MODSEQ */
     } else if (is_eol && s->rl_enabled) {
@@ -336,14 +390,20 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
         while (body > 0 && (b[body - 1] == '\n' || b[body - 1] == '\r'))
             body--;
         sess_send(&s->cli, c, b, body);
-        sess_send(&s->cli, NULL, " CONDSTORE\r\n", 12);
-        if (p != NULL)
-            p->adds_condstore = false;
+        if (p != NULL) {
+            const char *names = cmd_enabled_names(p->en_adds);
+            sess_send(&s->cli, NULL, names, strlen(names));
+            p->en_adds = 0;
+        }
+        sess_send(&s->cli, NULL, "\r\n", 2);
     } else if (is_eol && s->rl_kind == RL_TAGGED && s->rl_cmd != NULL &&
-               s->rl_cmd->kind == CMD_ENABLE && s->rl_cmd->adds_condstore) {
+               s->rl_cmd->kind == CMD_ENABLE && s->rl_cmd->en_adds != 0) {
         /* The upstream sent no ENABLED of its own. */
-        sess_send(&s->cli, NULL, "* ENABLED CONDSTORE\r\n", 22);
-        s->rl_cmd->adds_condstore = false;
+        const char *names = cmd_enabled_names(s->rl_cmd->en_adds);
+        sess_send(&s->cli, NULL, "* ENABLED", 9);
+        sess_send(&s->cli, NULL, names, strlen(names));
+        sess_send(&s->cli, NULL, "\r\n", 2);
+        s->rl_cmd->en_adds = 0;
         rsp_emit_head(s, c, b, len);
     } else if (is_eol && !sd->is_streaming && rsp_keep_tagged(s, b, len)) {
         /* kept */

@@ -42,13 +42,22 @@ struct pending {
     uint64_t up_tag; /* 0 for local answers */
     enum cmd_kind kind;
     bool is_done;
-    bool is_internal;    /* the proxy's own command */
-    bool adds_condstore; /* ENABLE: CONDSTORE joins the upstream's ENABLED */
-    char *local;         /* local answer: whole line(s) to send, or NULL */
+    bool is_internal;   /* the proxy's own command */
+    uint8_t en_adds;    /* ENABLE: EN_* names joining the upstream's ENABLED */
+    bool is_select;     /* SELECT/EXAMINE, plain or not */
+    bool is_close;      /* CLOSE/UNSELECT */
+    bool is_expunge;    /* EXPUNGE/UID EXPUNGE (QR-45, QR-46) */
+    bool is_closer;     /* the proxy's own close before a SELECT (QR-60) */
+    bool no_expunge;    /* FETCH/STORE/SEARCH by numbers, UID SEARCH (CS-66) */
+    bool is_seq_search; /* SEARCH: its results are message numbers */
+    char *local;        /* local answer: whole line(s) to send, or NULL */
     size_t local_len;
     size_t tag_len;
     char tag[]; /* the client's tag */
 };
+
+/* The proxy's names in an ENABLE (EN-01). */
+enum { EN_CONDSTORE = 1, EN_QRESYNC = 2 };
 
 enum rl_kind { RL_NONE, RL_UNTAGGED, RL_CONT, RL_TAGGED };
 
@@ -145,8 +154,14 @@ struct sess {
     char rl_word2[12]; /* that WORD: FETCH, EXISTS, EXPUNGE... */
     bool rl_swallow;   /* the line is the proxy's own data: not relayed */
     bool rl_uidvalidity;
-    bool rl_enabled; /* `* ENABLED` of a split ENABLE */
-    bool rl_enrich;  /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
+    bool rl_uidnext;
+    bool rl_expunge;    /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
+    bool rl_vanished;   /* ...and was taken by proxy/sync.c */
+    bool rl_stat;       /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
+    bool rl_renumbered; /* the line's number was put in the client's terms */
+    bool rl_stat_next;  /* its UIDNEXT's value comes next */
+    bool rl_enabled;    /* `* ENABLED` of a split ENABLE */
+    bool rl_enrich;     /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
     bool fp_has_flags;
     bool rl_search; /* `* SEARCH` of a SEARCH MODSEQ (CS-61) */
     bool rl_drop;   /* the upstream's own HIGHESTMODSEQ/NOMODSEQ (X13) */
@@ -158,6 +173,8 @@ struct sess {
     /* CONDSTORE (RFC 7162): proxy/sync.c */
     bool offers_condstore; /* decided at the greeting (CS-01, inv. 6) */
     bool is_condstore;     /* an enabling command was accepted (CS-20) */
+    bool is_qresync;       /* ENABLE QRESYNC was answered with it (EN-07) */
+    bool is_selected;      /* a mailbox is selected upstream (QR-60) */
     struct sync *sync;     /* selection state, allocated on first use */
 
     /* What the command stage reads of SELECT/EXAMINE and ENABLE. */
@@ -165,11 +182,13 @@ struct sess {
     size_t arg_mbox_len;
     bool in_params;        /* inside SELECT's parameter list */
     bool has_cs_param;     /* CONDSTORE among them (CS-24) */
+    bool has_qr_param;     /* QRESYNC among them (QR-30) */
     unsigned n_params;     /* items in the list */
     size_t params_from;    /* the list's bytes in the first segment, */
     size_t params_to;      /* its leading space included */
     size_t cs_from, cs_to; /* the CONDSTORE item's bytes */
-    bool en_condstore;     /* ENABLE named CONDSTORE (or QRESYNC) */
+    bool en_condstore;     /* ENABLE named CONDSTORE */
+    bool en_qresync;       /* ENABLE named QRESYNC */
     unsigned en_n;         /* ENABLE's arguments */
     struct buf en_other;   /* the names the proxy does not own */
 

@@ -8,6 +8,7 @@
 #include "common/xalloc.h"
 #include "proxy/cmd.h"
 #include "common/seqset.h"
+#include "proxy/cview.h"
 #include "proxy/msgmap.h"
 #include "state/store.h"
 
@@ -82,6 +83,21 @@ struct sync {
     bool search_is_uid;
     struct buf search_line; /* the untagged SEARCH waiting for it */
     uint32_t *search_uids;
+
+    /* QRESYNC (RFC 7162 §3.2) */
+    bool has_qr;             /* the selection carries QRESYNC (...) */
+    struct qr_select qr;     /* its parameter */
+    struct buf extra;        /* VANISHED (EARLIER) and FETCH lines of the answer */
+    uint32_t uidnext;        /* the upstream's UIDNEXT, as last reported */
+    uint64_t vanish_highest; /* HIGHESTMODSEQ after expunges told as VANISHED */
+    uint32_t vanish_uid;     /* the expunge waiting for its observation, */
+    uint32_t vanish_seq;     /* its upstream message number, */
+    bool is_vanish_told;     /* and whether the client may hear of it now */
+    struct cview view;       /* expunges held back from the client (CS-66) */
+    uint64_t held_highest;   /* HIGHESTMODSEQ after the held ones */
+    char code[64];           /* sync_tagged_code's text */
+    struct pending *lookup;  /* UID FETCH n:* of new messages (QR-41) */
+    struct pending *status;  /* STATUS (UIDNEXT) for an upstream without [UIDNEXT] */
 };
 
 #define CS_KEYS_MAX 8
@@ -93,8 +109,9 @@ struct cs_fetch {
     bool is_client_seq; /* the client gave message numbers; set holds UIDs */
     bool is_search;
     bool is_store;
-    char *item;  /* STORE: "+FLAGS" etc., without .SILENT */
-    char *value; /* STORE: the flag list as sent */
+    bool is_vanished; /* UID FETCH (CHANGEDSINCE n VANISHED), QR-21 */
+    char *item;       /* STORE: "+FLAGS" etc., without .SILENT */
+    char *value;      /* STORE: the flag list as sent */
     bool has_lease;
     struct store_lease lease;
     char *line; /* SEARCH: the command after the tag, CRLF included */
@@ -118,13 +135,30 @@ static void sync_upgrade_done(struct sess *s, uint64_t highest);
 static void sync_upgrade_start(struct sess *s);
 static void cs_fetch_free(struct sync *y);
 static void sync_start_snapshot(struct sess *s);
+static void sync_observe(struct sess *s, bool is_ok);
+static void sync_snapshot_cmd(struct sess *s);
+static void sync_send_search(struct sess *s, const char *b, size_t len, bool is_seq, uint64_t max);
 static void sync_fetch_send(struct sess *s, const char *subset);
 static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_t n);
 static void sync_store_lost(struct sess *s, int err);
+static bool sync_cb_ok(struct sess *s, int err);
 static void sync_start_refresh(struct sess *s);
 static void sync_begin(struct sess *s);
 static void sync_store_split(struct sess *s);
 static void sync_store_unlease(struct sess *s);
+static void sync_select_done(struct sess *s);
+static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t n,
+                        const uint32_t *expunged, size_t n_expunged, bool is_complete,
+                        const struct store_info *info);
+static void sync_lookup(struct sess *s);
+static void on_fetch_since(void *arg, int err, const struct store_msg *msgs, size_t n,
+                           const uint32_t *expunged, size_t n_expunged, bool is_complete,
+                           const struct store_info *info);
+static uint32_t sync_uid_top(const struct sync *y, const struct store_info *info);
+static int sync_vanished_text(struct sync *y, const struct seqset *want, const uint32_t *expunged,
+                              size_t n_expunged, bool from_history, const struct qr_select *match,
+                              char **text);
+static int sync_put_vanished(struct buf *out, const char *text);
 
 static void snap_reset(struct snap *sn)
 {
@@ -157,6 +191,9 @@ void sync_fini(struct sess *s)
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
     buf_fini(&y->line);
+    buf_fini(&y->extra);
+    cview_fini(&y->view);
+    sync_qr_free(&y->qr);
     if (y->has_store_lease && y->mb != NULL &&
         store_lease_release(y->mb, &y->store_lease, NULL, NULL, NULL) < 0) {
         /* it expires on its own (TTL) */
@@ -194,6 +231,15 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
     msgmap_clear(&y->map);
     snap_reset(&y->snap);
     buf_clear(&y->tagged, 4096);
+    buf_clear(&y->extra, 4096);
+    cview_clear(&y->view);
+    y->held_highest = 0;
+    sync_qr_free(&y->qr);
+    y->has_qr = false;
+    y->uidnext = 0;
+    y->vanish_highest = 0;
+    y->lookup = NULL;
+    y->status = NULL;
     y->is_plain = is_plain;
     /* Nothing the client sent after a CONDSTORE selection runs before it is
      * done; a plain one is only watched (CS-23). */
@@ -201,9 +247,20 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
         sess_hold(&s->cli);
 }
 
+/* The command the upstream is answering now: the oldest one not done. */
+static const struct pending *sync_current(const struct sess *s)
+{
+    for (const struct pending *p = s->head; p != NULL; p = p->next) {
+        if (!p->is_done && p->up_tag != 0)
+            return p;
+    }
+    return NULL;
+}
+
 bool sync_swallows_fetch(const struct sess *s)
 {
-    return s->sync != NULL && s->sync->is_snapping;
+    const struct sync *y = s->sync;
+    return y != NULL && (y->is_snapping || (y->lookup != NULL && sync_current(s) == y->lookup));
 }
 
 void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *flags, size_t len)
@@ -213,6 +270,10 @@ void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *fla
 
     if (uid == 0 || msgmap_set(&y->map, seq, uid) < 0)
         return; /* not counted: the snapshot will be incomplete (inv. 4) */
+    if (uid >= y->uidnext)
+        y->uidnext = uid + 1;
+    if (!y->is_snapping)
+        return; /* a lookup of new messages' UIDs (QR-41): the map is all */
     if (sn->n + 1 >= sn->cap) {
         sn->cap = sn->cap ? sn->cap * 2 : 1024;
         sn->uid = xreallocarray(sn->uid, sn->cap, sizeof(*sn->uid));
@@ -242,6 +303,8 @@ void sync_exists(struct sess *s, uint32_t n)
         if (msgmap_exists(&y->map, n) < 0)
             sess_fail(s, QR_ENOMEM, "message map");
     }
+    if (s->is_condstore && !msgmap_is_complete(&y->map))
+        sync_lookup(s); /* QR-41, CS-21: new messages' UIDs */
 }
 
 void sync_uidvalidity(struct sess *s, uint32_t v)
@@ -273,6 +336,10 @@ static void sync_finish_select(struct sess *s, const char *code)
         int n = snprintf(line, sizeof(line), "* OK %s\r\n", code);
         sess_send(&s->cli, NULL, line, (size_t)n);
     }
+    /* QR-36: VANISHED (EARLIER), then FETCH, then the tagged OK. */
+    if (y->extra.len > 0)
+        sess_send(&s->cli, NULL, y->extra.p, y->extra.len);
+    buf_clear(&y->extra, 4096);
     sess_send(&s->cli, NULL, y->tagged.p, y->tagged.len);
     buf_clear(&y->tagged, 4096);
     y->select = NULL;
@@ -331,16 +398,33 @@ static void on_observed(void *arg, int err, const struct store_result *res)
         sync_upgrade_done(s, res->highest);
         return;
     }
+    if (y->has_qr && y->qr.uidvalidity == y->uidvalidity) {
+        /* QR-35: what changed since the client's modseq; QR-33: nothing
+         * when UIDVALIDITY differs. QR-38: a modseq above HIGHESTMODSEQ is
+         * one the proxy cannot vouch for: a full answer. */
+        uint64_t since = y->qr.modseq > res->highest ? 0 : y->qr.modseq;
+        int rc = store_since(y->mb, since, on_qr_since, s, &y->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+        return;
+    }
+    sync_select_done(s);
+}
+
+/* The CONDSTORE answer of a selection: HIGHESTMODSEQ (with what QRESYNC
+ * adds in y->extra), then its tagged completion. */
+static void sync_select_done(struct sess *s)
+{
+    struct sync *y = s->sync;
     char code[64];
     /* X2: HIGHESTMODSEQ is never 0; the store's clock guarantees it. */
-    snprintf(code, sizeof(code), "[HIGHESTMODSEQ %llu] Highest", (unsigned long long)res->highest);
+    snprintf(code, sizeof(code), "[HIGHESTMODSEQ %llu] Highest", (unsigned long long)y->highest);
     if (log_on(LOG_DEBUG)) {
         struct log_line l;
         log_begin(&l, LOG_DEBUG, "condstore.snapshot");
         log_hex(&l, "sid", s->id);
         log_u64(&l, "messages", y->exists);
-        log_u64(&l, "changed", res->n_changed + res->n_new + res->n_gone);
-        log_u64(&l, "highest", res->highest);
+        log_u64(&l, "highest", y->highest);
         log_end(&l);
     }
     sync_finish_select(s, code);
@@ -387,6 +471,32 @@ static void sync_observe(struct sess *s, bool is_ok)
         on_observed(s, rc, NULL);
 }
 
+/* The snapshot of a CONDSTORE selection (DESIGN inv. 4). */
+static void sync_select_snapshot(struct sess *s)
+{
+    s->sync->is_for_fetch = false;
+    sync_snapshot_cmd(s);
+}
+
+/* `STATUS "mbox" (UIDNEXT)` with the name quoted (RFC 3501 quoted). */
+static char *sync_status_cmd(const char *mbox, size_t len)
+{
+    char *cmd = xmalloc(2 * len + 32), *p = cmd;
+    p += sprintf(p, "STATUS \"");
+    for (size_t i = 0; i < len; i++) {
+        if (mbox[i] == '"' || mbox[i] == '\\')
+            *p++ = '\\';
+        *p++ = mbox[i];
+    }
+    strcpy(p, "\" (UIDNEXT)");
+    return cmd;
+}
+
+bool sync_swallows_status(const struct sess *s)
+{
+    return s->sync != NULL && s->sync->status != NULL && sync_current(s) == s->sync->status;
+}
+
 void sync_completed(struct sess *s, struct pending *p, bool is_ok)
 {
     struct sync *y = s->sync;
@@ -414,15 +524,21 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
             sync_nomodseq(s, "mailbox not keyed");
             return;
         }
-        if (y->exists == 0) {
-            y->phase = SEL_SNAPSHOT;
-            sync_observe(s, true);
+        y->phase = SEL_SNAPSHOT;
+        if (y->uidnext == 0 && s->is_qresync) {
+            /* Courier's SELECT has no [UIDNEXT] (RFC 3501 wants it); QRESYNC
+             * needs it for VANISHED (QR-35, X5): asked with STATUS. */
+            char *cmd = sync_status_cmd(y->mailbox, y->mailbox_len);
+            y->status = cmd_internal(s, cmd);
+            free(cmd);
             return;
         }
-        y->phase = SEL_SNAPSHOT;
-        y->is_snapping = true;
-        y->is_for_fetch = false;
-        y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
+        sync_select_snapshot(s);
+        return;
+    }
+    if (p == y->status) {
+        y->status = NULL;
+        sync_select_snapshot(s);
         return;
     }
     if (p == y->internal && y->is_snapping) {
@@ -434,6 +550,11 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     if (p == y->noop) {
         y->noop = NULL;
         sync_start_snapshot(s);
+        return;
+    }
+    if (p == y->lookup) {
+        y->lookup = NULL;
+        sync_lookup(s); /* EXISTS may have grown again meanwhile */
         return;
     }
     if (p == y->filter_cmd) {
@@ -556,18 +677,26 @@ static void sync_store_lost(struct sess *s, int err)
     sess_fail(s, err, "state store");
 }
 
+/* The start of every store callback: the request is over; false when the
+ * session is closing or the store failed (it then ended, inv. 6). */
+static bool sync_cb_ok(struct sess *s, int err)
+{
+    s->sync->req = NULL;
+    if (s->is_closing)
+        return false;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return false;
+    }
+    return true;
+}
+
 static void on_line_observed(void *arg, int err, const struct store_result *res)
 {
     struct sess *s = arg;
-    struct sync *y = s->sync;
 
-    y->req = NULL;
-    if (s->is_closing)
+    if (!sync_cb_ok(s, err))
         return;
-    if (err < 0) {
-        sync_store_lost(s, err);
-        return;
-    }
     /* The line's own modseq: new when its flags changed, kept otherwise
      * (CS-12), in the same round trip. */
     if (res->uid_modseq == 0) {
@@ -588,6 +717,18 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
     if (uid == 0)
         return false; /* UID not known yet: relayed as it is */
     y->line_uid = uid;
+    size_t skip = sync_num_end(b, len);
+    if (skip > 0 && sync_has_held(s)) {
+        /* CS-66: numbered as the client numbers it. */
+        char head[24];
+        int n = snprintf(head, sizeof(head), "* %u", sync_cli_number(s, seq, false));
+        if (buf_append(&y->line, head, (size_t)n, SIZE_MAX) < 0) {
+            sess_fail(s, QR_ENOMEM, "fetch line");
+            return true;
+        }
+        b += skip;
+        len -= skip;
+    }
     if (buf_append(&y->line, b, len, SIZE_MAX) < 0) {
         sess_fail(s, QR_ENOMEM, "fetch line");
         return true;
@@ -654,28 +795,42 @@ static void deferred_answer(struct sess *s, const char *text)
     deferred_done(s);
 }
 
-/* The refresh: the session's own snapshot of the selected mailbox. */
+/* The refresh: the session's own snapshot of the selected mailbox.
+ * Courier sees other sessions' changes only when told to look: a NOOP
+ * first, whose answers reach the client like any unsolicited data, then
+ * the snapshot. Expunges the NOOP reports while the client's command is a
+ * FETCH, STORE or SEARCH by message numbers (or any SEARCH) are held back
+ * (CS-66, QR-42, proxy/cview.h): the client's numbering stays as it was
+ * until a command that may hear of them. */
 static void sync_start_refresh(struct sess *s)
 {
     struct sync *y = s->sync;
 
     y->fetch->is_waiting = false;
-    /* Courier sees other sessions' changes only when told to look (a
-     * NOOP); its answers reach the client like any unsolicited data, then
-     * the snapshot runs. */
     y->n_sent = 0;
     y->noop = cmd_internal(s, "NOOP");
     sess_flush(s); /* also called from store callbacks, outside any read */
 }
 
-static void sync_start_snapshot(struct sess *s)
+/* `FETCH 1:* (UID FLAGS)`: by message numbers, so no expunge can come
+ * in the middle of it (RFC 3501 §7.4.1) and break the count (inv. 4). */
+static void sync_snapshot_cmd(struct sess *s)
 {
     struct sync *y = s->sync;
 
     snap_reset(&y->snap);
+    if (y->map.n == 0) {
+        sync_observe(s, true); /* empty: `1:*` would name no message */
+        return;
+    }
     y->is_snapping = true;
-    y->is_for_fetch = true;
-    y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
+    y->internal = cmd_internal(s, "FETCH 1:* (UID FLAGS)");
+}
+
+static void sync_start_snapshot(struct sess *s)
+{
+    s->sync->is_for_fetch = true;
+    sync_snapshot_cmd(s);
 }
 
 void sync_idle(struct sess *s)
@@ -686,6 +841,8 @@ void sync_idle(struct sess *s)
         sync_begin(s);
     else if (y != NULL && y->upgrade != NULL && y->is_upgrade_waiting)
         sync_upgrade_start(s);
+    else if (y != NULL && s->is_condstore)
+        sync_lookup(s);
 }
 
 /* The client's message-number set as UIDs, as the client sees the mailbox
@@ -695,46 +852,65 @@ void sync_idle(struct sess *s)
  * message (RFC 3501 §7.4.1). New messages whose UIDs are not known yet
  * are the highest: they become "above the highest known UID". Returns a
  * malloc'ed set, or NULL for an invalid one. */
+/* Resolve the client's message-number set set[0..len) (`*` its last
+ * message) through its view: the UIDs it names into uids (a message whose
+ * UID is not known yet sets *has_new), the upstream's numbers of those not
+ * gone upstream into ups (either may be NULL). Returns 0 or an error. */
+static int client_set(const struct sync *y, const char *set, size_t len, struct seqset *uids,
+                      struct seqset *ups, bool *has_new)
+{
+    struct seqset want;
+    uint32_t count = cview_count(&y->view, &y->map);
+
+    *has_new = false;
+    seqset_init(&want);
+    int rc = seqset_parse(&want, set, len, 0);
+    if (rc == 0)
+        rc = seqset_resolve(&want, count);
+    if (rc == 0) {
+        struct seqset_iter it;
+        uint32_t v;
+        bool is_held;
+        seqset_iter_init(&it, &want);
+        while (rc == 0 && seqset_iter_next(&it, &v) && v <= count) {
+            uint32_t u = cview_uid(&y->view, &y->map, v, &is_held);
+            *has_new |= u == 0;
+            if (uids != NULL && u != 0)
+                rc = seqset_add(uids, u);
+            /* Gone upstream: nothing to do there. A message whose UID is
+             * not known yet is new: above every held one. */
+            if (rc == 0 && ups != NULL && !is_held)
+                rc = seqset_add(ups, u != 0 ? msgmap_seq(&y->map, u) : v - y->view.n);
+        }
+    }
+    seqset_fini(&want);
+    return rc;
+}
+
 static char *seq_to_uid_text(struct sync *y, const char *set, size_t len)
 {
-    struct seqset want, uids;
+    struct seqset uids;
     char *text = NULL;
     size_t tl;
     uint32_t top = 0;
-    bool has_new = false;
+    bool has_new;
 
-    seqset_init(&want);
-    seqset_init(&uids);
-    int rc = seqset_parse(&want, set, len, 0);
-    if (rc == 0)
-        rc = seqset_resolve(&want, y->map.n);
     for (uint32_t i = 1; i <= y->map.n; i++) {
         uint32_t u = msgmap_uid(&y->map, i);
         top = u > top ? u : top;
     }
-    if (rc == 0) {
-        struct seqset_iter it;
-        uint32_t v;
-        seqset_iter_init(&it, &want);
-        while (rc == 0 && seqset_iter_next(&it, &v) && v <= y->map.n) {
-            uint32_t u = msgmap_uid(&y->map, v);
-            if (u != 0)
-                rc = seqset_add(&uids, u);
-            else
-                has_new = true;
-        }
-    }
+    seqset_init(&uids);
+    int rc = client_set(y, set, len, &uids, NULL, &has_new);
     if (rc == 0 && has_new && top < UINT32_MAX)
         rc = seqset_add_range(&uids, top + 1, UINT32_MAX);
     if (rc == 0 && !seqset_is_empty(&uids) && seqset_format_alloc(&uids, &text, &tl) < 0)
         text = NULL; /* no message named: an invalid set, as for the upstream */
-    seqset_fini(&want);
     seqset_fini(&uids);
     return text;
 }
 
 int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
-                            const char *items, size_t items_len, uint64_t since)
+                            const char *items, size_t items_len, uint64_t since, bool vanished)
 {
     struct sync *y = s->sync;
 
@@ -746,6 +922,7 @@ int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t
     struct cs_fetch *f = xcalloc(1, sizeof(*f));
     f->is_uid = true;
     f->is_client_seq = !is_uid;
+    f->is_vanished = vanished;
     f->since = since;
     f->set = uids;
     f->items = xmemdup(items, items_len);
@@ -755,18 +932,62 @@ int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t
 
 /* Send the FETCH upstream for subset (NULL: the client's whole set, with
  * the filter doing the work), or answer it here when subset is empty. */
+/* Format a set: "" when it is empty (both malloc'ed), NULL on error. */
+static char *set_text_or_empty(const struct seqset *set)
+{
+    char *text = NULL;
+    size_t len;
+    if (seqset_is_empty(set))
+        return xmemdup("", 0);
+    return seqset_format_alloc(set, &text, &len) < 0 ? NULL : text;
+}
+
+/* The UID set text as the message numbers of those messages in the map
+ * (`*` is the last message); "" when none is there, NULL on error. For
+ * the plain FETCH/STORE a message-number command turns into (CS-66). */
+static char *uids_as_seqs(const struct sync *y, const char *uids)
+{
+    struct seqset want, seqs;
+    char *text = NULL;
+
+    seqset_init(&want);
+    seqset_init(&seqs);
+    int rc = seqset_parse(&want, uids, strlen(uids), 0);
+    if (rc == 0)
+        rc = seqset_resolve(&want, msgmap_uid(&y->map, y->map.n));
+    for (uint32_t i = 1; rc == 0 && i <= y->map.n; i++) {
+        uint32_t u = msgmap_uid(&y->map, i);
+        if (u != 0 ? seqset_contains(&want, u) : seqset_has_star(&want))
+            rc = seqset_add(&seqs, i);
+    }
+    text = rc == 0 ? set_text_or_empty(&seqs) : NULL;
+    seqset_fini(&want);
+    seqset_fini(&seqs);
+    return text;
+}
+
 static void sync_fetch_send(struct sess *s, const char *subset)
 {
     struct sync *y = s->sync;
     struct cs_fetch *f = y->fetch;
+    char *seqs = NULL;
 
+    if (f->is_client_seq && !(subset != NULL && subset[0] == '\0')) {
+        /* CS-66: a plain FETCH, during which nothing can be expunged. */
+        seqs = uids_as_seqs(y, subset != NULL ? subset : f->set);
+        if (seqs == NULL) {
+            sess_fail(s, QR_ENOMEM, "fetch");
+            return;
+        }
+        subset = seqs;
+    }
     if (subset != NULL && subset[0] == '\0') {
         cmd_local_answer(s, f->tag, f->tag_len, "OK Fetch completed (no changes)");
     } else {
         struct buf line = {0};
         const char *set = subset != NULL ? subset : f->set;
-        int rc =
-            buf_append(&line, f->is_uid ? " UID FETCH " : " FETCH ", f->is_uid ? 11 : 7, SIZE_MAX);
+        bool is_uid = f->is_uid && !f->is_client_seq;
+        int rc = buf_append(&line, is_uid ? " UID FETCH " : " FETCH ", is_uid ? 11 : 7, SIZE_MAX);
         if (rc == 0)
             rc = buf_append(&line, set, strlen(set), SIZE_MAX);
         if (rc == 0)
@@ -781,10 +1002,12 @@ static void sync_fetch_send(struct sess *s, const char *subset)
             return;
         }
         y->filter_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+        y->filter_cmd->no_expunge = f->is_client_seq;
         y->filter_since = f->since;
         y->is_filtering = true;
         buf_fini(&line);
     }
+    free(seqs);
     deferred_done(s);
 }
 
@@ -832,6 +1055,8 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
         return;
     }
     y->search_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+    y->search_cmd->no_expunge = true;
+    y->search_cmd->is_seq_search = !f->is_uid;
     y->search_is_uid = f->is_uid;
     buf_fini(&line);
     deferred_done(s);
@@ -865,7 +1090,14 @@ bool sync_search_modseq(struct sess *s, bool is_uid, const char *line, size_t le
 
 bool sync_search_pending(const struct sess *s)
 {
-    return s->sync != NULL && s->sync->search_cmd != NULL;
+    if (s->sync == NULL)
+        return false;
+    if (s->sync->search_cmd != NULL)
+        return true;
+    if (!sync_has_held(s))
+        return false;
+    const struct pending *p = sync_current(s);
+    return p != NULL && p->is_seq_search; /* its numbers are renumbered (CS-66) */
 }
 
 static void on_search_modseqs(void *arg, int err, const uint64_t *modseqs, size_t n,
@@ -887,21 +1119,70 @@ static void on_search_modseqs(void *arg, int err, const uint64_t *modseqs, size_
     }
     for (size_t i = 0; i < n; i++)
         max = modseqs[i] > max ? modseqs[i] : max;
-    const char *p = y->search_line.p;
-    size_t len = y->search_line.len, body = len;
-    while (body > 0 && (p[body - 1] == '\n' || p[body - 1] == '\r'))
+    sync_send_search(s, y->search_line.p, y->search_line.len, !y->search_is_uid, max);
+    buf_clear(&y->search_line, 4096);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+/* Where the numbers of `* SEARCH n...` in b[0..len) start. */
+static const char *search_numbers(const char *b, size_t len)
+{
+    const char *p = b, *end = b + len;
+    for (int words = 0; p < end && words < 2; p++) {
+        if (*p == ' ')
+            words++;
+    }
+    return p;
+}
+
+/* Read the number at *p (spaces before it skipped) into *v; false, *p at
+ * what is there, when it is not a number. */
+static bool next_number(const char **p, const char *end, uint64_t *v)
+{
+    const char *q = *p;
+    while (q < end && *q == ' ')
+        q++;
+    const char *d = q;
+    *v = 0;
+    while (q < end && *q >= '0' && *q <= '9')
+        *v = *v * 10 + (uint64_t)(*q++ - '0');
+    *p = q;
+    return q != d;
+}
+
+/* Send `* SEARCH n...` (from b[0..len), CRLF included), the numbers put in
+ * the client's terms where they are message numbers and expunges are held
+ * (CS-66), with ` (MODSEQ max)` when max is not 0 (CS-61). */
+static void sync_send_search(struct sess *s, const char *b, size_t len, bool is_seq, uint64_t max)
+{
+    size_t body = len;
+    while (body > 0 && (b[body - 1] == '\n' || b[body - 1] == '\r'))
         body--;
-    sess_send(&s->cli, NULL, p, body);
+    if (!is_seq || !sync_has_held(s)) {
+        sess_send(&s->cli, NULL, b, body);
+    } else {
+        const char *p = search_numbers(b, body), *end = b + body;
+        uint64_t v;
+        sess_send(&s->cli, NULL, b, (size_t)(p - b > 0 && p[-1] == ' ' ? p - b - 1 : p - b));
+        while (p < end) {
+            if (!next_number(&p, end, &v)) {
+                sess_send(&s->cli, NULL, " ", 1);
+                sess_send(&s->cli, NULL, p, (size_t)(end - p)); /* not a number: as it is */
+                break;
+            }
+            char num[16];
+            int k = snprintf(num, sizeof(num), " %u",
+                             sync_cli_number(s, v <= UINT32_MAX ? (uint32_t)v : 0, false));
+            sess_send(&s->cli, NULL, num, (size_t)k);
+        }
+    }
     if (max > 0) {
-        /* CS-61: the highest modseq among the returned messages. */
         char add[40];
         int k = snprintf(add, sizeof(add), " (MODSEQ %llu)", (unsigned long long)max);
         sess_send(&s->cli, NULL, add, (size_t)k);
     }
     sess_send(&s->cli, NULL, "\r\n", 2);
-    buf_clear(&y->search_line, 4096);
-    sess_release(&s->up);
-    sess_release(&s->cli);
 }
 
 bool sync_search_line(struct sess *s, const char *b, size_t len)
@@ -910,20 +1191,16 @@ bool sync_search_line(struct sess *s, const char *b, size_t len)
     size_t n = 0, cap = 0;
     uint32_t *uids = NULL;
 
-    /* `* SEARCH 2 5 9`: the numbers after the word. */
-    const char *p = b, *end = b + len;
-    for (int words = 0; p < end && words < 2; p++) {
-        if (*p == ' ')
-            words++;
+    if (y->search_cmd == NULL) {
+        /* A plain SEARCH while expunges are held: renumbered only. */
+        sync_send_search(s, b, len, true, 0);
+        return true;
     }
+    /* `* SEARCH 2 5 9`: the numbers after the word. */
+    const char *p = search_numbers(b, len), *end = b + len;
+    uint64_t v;
     while (p < end) {
-        while (p < end && *p == ' ')
-            p++;
-        uint64_t v = 0;
-        const char *d = p;
-        while (p < end && *p >= '0' && *p <= '9')
-            v = v * 10 + (uint64_t)(*p++ - '0');
-        if (p == d)
+        if (!next_number(&p, end, &v))
             break;
         uint32_t uid = y->search_is_uid ? (uint32_t)v : msgmap_uid(&y->map, (uint32_t)v);
         if (uid == 0)
@@ -952,25 +1229,13 @@ bool sync_search_line(struct sess *s, const char *b, size_t len)
     return true;
 }
 
-static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t n,
-                       const struct store_info *info)
+/* The changed messages are known: send the FETCH upstream for those of the
+ * client's set only. */
+static void sync_fetch_subset(struct sess *s, const struct store_msg *msgs, size_t n)
 {
-    struct sess *s = arg;
     struct sync *y = s->sync;
     struct cs_fetch *f = y->fetch;
-    (void)info;
 
-    y->req = NULL;
-    if (s->is_closing)
-        return;
-    if (err < 0) {
-        sync_store_lost(s, err);
-        return;
-    }
-    if (f->is_search) {
-        sync_search_send(s, msgs, n);
-        return;
-    }
     /* The client's set, `*` resolved against this view (RFC 3501 §6.4.8). */
     struct seqset want, have, sub;
     seqset_init(&want);
@@ -999,6 +1264,63 @@ static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t 
     free(text);
 }
 
+static void on_changed(void *arg, int err, const struct store_msg *msgs, size_t n,
+                       const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    (void)info;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (y->fetch->is_search)
+        sync_search_send(s, msgs, n);
+    else
+        sync_fetch_subset(s, msgs, n);
+}
+
+/* QR-21, QR-22: `* VANISHED (EARLIER)` for the UIDs of the client's set
+ * (`*` as UIDNEXT-1, X5) gone since its modseq, before any FETCH line of
+ * the command: from the state as this session's view last saw it, before
+ * the refresh, whose own expunges reach the client as live VANISHED (so
+ * no UID is told twice); then the FETCH as for CHANGEDSINCE alone. */
+static void on_fetch_since(void *arg, int err, const struct store_msg *msgs, size_t n,
+                           const uint32_t *expunged, size_t n_expunged, bool is_complete,
+                           const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    struct cs_fetch *f = y->fetch;
+    struct seqset want;
+    struct buf line = {0};
+    char *van = NULL;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    seqset_init(&want);
+    int rc = seqset_parse(&want, f->set, strlen(f->set), 0);
+    if (rc == 0)
+        rc = seqset_resolve(&want, sync_uid_top(y, info));
+    bool from_history = is_complete && f->since != 0 && f->since <= y->highest;
+    if (rc == 0)
+        rc = sync_vanished_text(y, &want, expunged, n_expunged, from_history, NULL, &van);
+    if (rc == 0)
+        rc = sync_put_vanished(&line, van);
+    seqset_fini(&want);
+    free(van);
+    if (rc < 0) {
+        buf_fini(&line);
+        sess_fail(s, QR_ENOMEM, "vanished");
+        return;
+    }
+    if (line.len > 0)
+        sess_send(&s->cli, NULL, line.p, line.len);
+    buf_fini(&line);
+    (void)msgs;
+    (void)n;
+    sync_start_refresh(s);
+}
+
 static void sync_fetch_changed(struct sess *s)
 {
     struct sync *y = s->sync;
@@ -1023,13 +1345,8 @@ static void on_store_lease(void *arg, int err, const struct store_lease_result *
     struct sess *s = arg;
     struct sync *y = s->sync;
 
-    y->req = NULL;
-    if (s->is_closing)
+    if (!sync_cb_ok(s, err))
         return;
-    if (err < 0) {
-        sync_store_lost(s, err);
-        return;
-    }
     if (!res->is_held) {
         deferred_answer(s, "NO [INUSE] Another conditional STORE on this mailbox, try again");
         return;
@@ -1044,6 +1361,12 @@ static void sync_begin(struct sess *s)
     struct sync *y = s->sync;
 
     y->fetch->is_waiting = false;
+    if (y->fetch->is_vanished) {
+        int rc = store_since(y->mb, y->fetch->since, on_fetch_since, s, &y->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+        return;
+    }
     if (!y->fetch->is_store) {
         sync_start_refresh(s);
         return;
@@ -1106,13 +1429,8 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
     struct cs_fetch *f = y->fetch;
     (void)info;
 
-    y->req = NULL;
-    if (s->is_closing)
+    if (!sync_cb_ok(s, err))
         return;
-    if (err < 0) {
-        sync_store_lost(s, err);
-        return;
-    }
     /* CS-40: performed when modseq <= n; CS-43: UNCHANGEDSINCE 0 always
      * fails; a message named twice is one target (CS-44). */
     struct seqset pass, fail;
@@ -1122,9 +1440,12 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
     for (size_t i = 0; rc == 0 && i < n && i < y->n_targets; i++) {
         uint32_t uid = y->targets[i];
         bool ok = f->since != 0 && modseqs[i] != 0 && modseqs[i] <= f->since;
-        /* The pass set goes upstream as UIDs; MODIFIED speaks the client's
-         * language: message numbers for STORE, UIDs for UID STORE (CS-41). */
-        uint32_t v = ok || !f->is_client_seq ? uid : msgmap_seq(&y->map, uid);
+        /* STORE by numbers stays a plain STORE upstream (the upstream's
+         * numbers), its MODIFIED set is in the client's (CS-41, CS-66);
+         * UID STORE speaks UIDs both ways. */
+        uint32_t v = !f->is_client_seq ? uid
+                     : ok              ? msgmap_seq(&y->map, uid)
+                                       : cview_seq(&y->view, &y->map, uid);
         if (v != 0)
             rc = seqset_add(ok ? &pass : &fail, v);
     }
@@ -1152,7 +1473,8 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         return;
     }
     struct buf line = {0};
-    rc = buf_append(&line, f->is_uid ? " UID STORE " : " STORE ", f->is_uid ? 11 : 7, SIZE_MAX);
+    bool is_uid = f->is_uid && !f->is_client_seq;
+    rc = buf_append(&line, is_uid ? " UID STORE " : " STORE ", is_uid ? 11 : 7, SIZE_MAX);
     rc |= buf_append(&line, pass_text, strlen(pass_text), SIZE_MAX);
     rc |= buf_append(&line, " ", 1, SIZE_MAX);
     rc |= buf_append(&line, f->item, strlen(f->item), SIZE_MAX);
@@ -1167,8 +1489,15 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         return;
     }
     y->store_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+    y->store_cmd->no_expunge = f->is_client_seq;
     free(y->modified);
-    y->modified = fail_text;
+    y->modified = NULL;
+    if (fail_text != NULL) {
+        size_t ml = strlen(fail_text) + 10;
+        y->modified = xmalloc(ml);
+        snprintf(y->modified, ml, "MODIFIED %s", fail_text);
+        free(fail_text);
+    }
     buf_fini(&line);
     deferred_done(s);
 }
@@ -1211,10 +1540,22 @@ static void sync_store_split(struct sess *s)
         sync_store_lost(s, rc);
 }
 
-const char *sync_tagged_code(const struct sess *s, const struct pending *p)
+const char *sync_tagged_code(struct sess *s, const struct pending *p)
 {
-    const struct sync *y = s->sync;
-    return y != NULL && p != NULL && p == y->store_cmd ? y->modified : NULL;
+    struct sync *y = s->sync;
+    if (y == NULL || p == NULL)
+        return NULL;
+    if (p == y->store_cmd && y->modified != NULL)
+        return y->modified; /* "MODIFIED set" (CS-41) */
+    if (y->vanish_highest != 0 && !p->is_internal) {
+        /* QR-45, QR-46, QR-48: the command told VANISHED; its completion
+         * tells the HIGHESTMODSEQ that covers them. Given once. */
+        snprintf(y->code, sizeof(y->code), "HIGHESTMODSEQ %llu",
+                 (unsigned long long)y->vanish_highest);
+        y->vanish_highest = 0;
+        return y->code;
+    }
+    return NULL;
 }
 
 /* ------------------ CS-23: the first enabling command on a plain selection */
@@ -1256,14 +1597,7 @@ static void sync_upgrade_start(struct sess *s)
         return;
     }
     y->phase = SEL_SNAPSHOT;
-    y->is_for_fetch = false;
-    snap_reset(&y->snap);
-    if (y->exists == 0) {
-        sync_observe(s, true);
-        return;
-    }
-    y->is_snapping = true;
-    y->internal = cmd_internal(s, "UID FETCH 1:* (UID FLAGS)");
+    sync_select_snapshot(s);
     sess_flush(s);
 }
 
@@ -1293,4 +1627,395 @@ static void sync_upgrade_done(struct sess *s, uint64_t highest)
         sess_release(&s->cli);
     else
         sess_flush(s);
+}
+
+/* ------------------------------------------------ QRESYNC (RFC 7162 §3.2) */
+
+void sync_qr_free(struct qr_select *q)
+{
+    free(q->known_uids);
+    free(q->seqs);
+    free(q->uids);
+    memset(q, 0, sizeof(*q));
+}
+
+void sync_select_qresync(struct sess *s, struct qr_select *q)
+{
+    struct sync *y = s->sync;
+
+    sync_qr_free(&y->qr);
+    y->qr = *q;
+    y->has_qr = true;
+    memset(q, 0, sizeof(*q));
+}
+
+void sync_uidnext(struct sess *s, uint32_t v)
+{
+    if (s->sync != NULL && s->sync->phase != SEL_NONE && v > s->sync->uidnext)
+        s->sync->uidnext = v;
+}
+
+/* Every UID ever given in the mailbox is below this (X5: `*` of a UID set
+ * is UIDNEXT-1, not the highest live UID). */
+static uint32_t sync_uid_top(const struct sync *y, const struct store_info *info)
+{
+    uint32_t top = y->uidnext > 0 ? y->uidnext - 1 : 0;
+    uint32_t live = msgmap_uid(&y->map, y->map.n);
+    if (live > top)
+        top = live;
+    if (info != NULL && info->uidnext > 0 && info->uidnext - 1 > top)
+        top = info->uidnext - 1;
+    return top;
+}
+
+/* The UIDs of `want` (resolved) that are gone: from the expunge history
+ * when it is complete back to the client's modseq (QR-21), otherwise want
+ * minus the UIDs of the complete view the session has (QR-22, DESIGN
+ * inv. 4: never a live UID), cut by sequence-match data where given
+ * (QR-37). Formats them into *text (NULL when none). */
+static int sync_vanished_text(struct sync *y, const struct seqset *want, const uint32_t *expunged,
+                              size_t n_expunged, bool from_history, const struct qr_select *match,
+                              char **text)
+{
+    struct seqset van, live;
+    size_t len;
+    int rc = 0;
+
+    *text = NULL;
+    seqset_init(&van);
+    seqset_init(&live);
+    if (from_history) {
+        struct seqset gone;
+        seqset_init(&gone);
+        rc = seqset_from_list(&gone, expunged, n_expunged);
+        if (rc == 0)
+            rc = seqset_intersect(&gone, want, &van);
+        seqset_fini(&gone);
+    } else {
+        for (uint32_t i = 1; rc == 0 && i <= y->map.n; i++) {
+            uint32_t u = msgmap_uid(&y->map, i);
+            if (u != 0)
+                rc = seqset_add(&live, u);
+        }
+        if (rc == 0)
+            rc = seqset_difference(want, &live, &van);
+        if (rc == 0 && match != NULL && match->seqs != NULL) {
+            /* QR-37: the last pair that still matches before the first
+             * mismatch; nothing at or below its UID vanished. Pairs that
+             * do not line up are ignored (a larger VANISHED is safe). */
+            struct seqset ks, us;
+            seqset_init(&ks);
+            seqset_init(&us);
+            uint32_t cut = 0;
+            if (seqset_parse(&ks, match->seqs, strlen(match->seqs), SEQSET_ASCENDING) == 0 &&
+                seqset_parse(&us, match->uids, strlen(match->uids), SEQSET_ASCENDING) == 0 &&
+                seqset_count(&ks) == seqset_count(&us)) {
+                struct seqset_iter ik, iu;
+                uint32_t k, u;
+                seqset_iter_init(&ik, &ks);
+                seqset_iter_init(&iu, &us);
+                while (seqset_iter_next(&ik, &k) && seqset_iter_next(&iu, &u)) {
+                    if (msgmap_uid(&y->map, k) != u)
+                        break;
+                    cut = u;
+                }
+            }
+            seqset_fini(&ks);
+            seqset_fini(&us);
+            if (cut > 0)
+                seqset_clip(&van, cut + 1, UINT32_MAX);
+        }
+    }
+    if (rc == 0 && !seqset_is_empty(&van))
+        rc = seqset_format_alloc(&van, text, &len);
+    seqset_fini(&van);
+    seqset_fini(&live);
+    return rc;
+}
+
+/* Append `* VANISHED (EARLIER) text` to out (QR-21, QR-43: its own line). */
+static int sync_put_vanished(struct buf *out, const char *text)
+{
+    if (text == NULL)
+        return 0;
+    int rc = buf_append(out, "* VANISHED (EARLIER) ", 21, SIZE_MAX);
+    if (rc == 0)
+        rc = buf_append(out, text, strlen(text), SIZE_MAX);
+    if (rc == 0)
+        rc = buf_append(out, "\r\n", 2, SIZE_MAX);
+    return rc;
+}
+
+/* QR-35..QR-38: the answer of SELECT (QRESYNC (...)): VANISHED (EARLIER)
+ * and the FETCH (UID FLAGS MODSEQ) lines of the messages changed since the
+ * client's modseq, restricted to its known UIDs, numbered as the complete
+ * snapshot just taken numbers them. */
+static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t n,
+                        const uint32_t *expunged, size_t n_expunged, bool is_complete,
+                        const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+    struct seqset known;
+    char *van = NULL;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    seqset_init(&known);
+    uint32_t top = sync_uid_top(y, info);
+    int rc = 0;
+    if (y->qr.known_uids != NULL)
+        rc = seqset_parse(&known, y->qr.known_uids, strlen(y->qr.known_uids), SEQSET_NO_STAR);
+    else if (top > 0)
+        rc = seqset_add_range(&known, 1, top); /* QR-35: 1:UIDNEXT-1 */
+    bool from_history = is_complete && y->qr.modseq != 0 && y->qr.modseq <= y->highest;
+    if (rc == 0)
+        rc = sync_vanished_text(y, &known, expunged, n_expunged, from_history, &y->qr, &van);
+    if (rc == 0)
+        rc = sync_put_vanished(&y->extra, van);
+    free(van);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        if (y->qr.known_uids != NULL && !seqset_contains(&known, msgs[i].uid))
+            continue;
+        uint32_t seq = msgmap_seq(&y->map, msgs[i].uid);
+        if (seq == 0)
+            continue;
+        char head[96];
+        int k = snprintf(head, sizeof(head), "* %u FETCH (UID %u FLAGS (", seq, msgs[i].uid);
+        char tail[48];
+        int t = snprintf(tail, sizeof(tail), ") MODSEQ (%llu))\r\n",
+                         (unsigned long long)msgs[i].modseq);
+        rc = buf_append(&y->extra, head, (size_t)k, SIZE_MAX);
+        if (rc == 0)
+            rc = buf_append(&y->extra, msgs[i].flags, msgs[i].flags_len, SIZE_MAX);
+        if (rc == 0)
+            rc = buf_append(&y->extra, tail, (size_t)t, SIZE_MAX);
+    }
+    seqset_fini(&known);
+    if (rc < 0) {
+        sess_fail(s, QR_ENOMEM, "qresync select");
+        return;
+    }
+    if (log_on(LOG_DEBUG)) {
+        struct log_line l;
+        log_begin(&l, LOG_DEBUG, "qresync.select");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "since", y->qr.modseq);
+        log_u64(&l, "changed", n);
+        log_u64(&l, "expunged", n_expunged);
+        log_str(&l, "vanished_from", from_history ? "history" : "computed");
+        log_end(&l);
+    }
+    sync_select_done(s);
+}
+
+/* ---------------- expunges: VANISHED (QR-40), held back (CS-66, QR-42) */
+
+bool sync_vanishes(const struct sess *s)
+{
+    const struct sync *y = s->sync;
+    return y != NULL && y->phase == SEL_DONE && y->mb != NULL && (s->is_qresync || s->is_condstore);
+}
+
+bool sync_has_held(const struct sess *s)
+{
+    return s->sync != NULL && s->sync->view.n > 0;
+}
+
+/* May the client be told of an expunge now (RFC 3501 §7.4.1)? Only while
+ * one of its commands is in progress, and not a FETCH, STORE or SEARCH by
+ * message numbers, nor a UID SEARCH (its criteria may hold message
+ * numbers; QR-42). A command the proxy defers is in progress from the
+ * moment it was read. */
+static bool sync_may_tell(const struct sess *s)
+{
+    const struct sync *y = s->sync;
+
+    if (y->fetch != NULL)
+        return !y->fetch->is_client_seq && !y->fetch->is_search && !y->fetch->is_waiting;
+    for (const struct pending *p = s->head; p != NULL; p = p->next) {
+        if (!p->is_done && !p->is_internal && p->up_tag != 0)
+            return !p->no_expunge;
+    }
+    return false;
+}
+
+/* Tell the client every held expunge: one VANISHED line under QRESYNC, else
+ * EXPUNGE lines highest first, each number right for the client's view at
+ * that moment. */
+static void sync_tell_held(struct sess *s)
+{
+    struct sync *y = s->sync;
+    struct seqset set;
+    uint32_t uid, seq;
+    char line[48];
+
+    seqset_init(&set);
+    while (cview_take(&y->view, &y->map, &uid, &seq)) {
+        if (s->is_qresync) {
+            if (seqset_add(&set, uid) < 0)
+                sess_fail(s, QR_ENOMEM, "vanished");
+        } else {
+            int n = snprintf(line, sizeof(line), "* %u EXPUNGE\r\n", seq);
+            sess_send(&s->cli, NULL, line, (size_t)n);
+        }
+    }
+    char *text = NULL;
+    size_t len;
+    if (!seqset_is_empty(&set) && seqset_format_alloc(&set, &text, &len) == 0) {
+        sess_send(&s->cli, NULL, "* VANISHED ", 11);
+        sess_send(&s->cli, NULL, text, len);
+        sess_send(&s->cli, NULL, "\r\n", 2);
+    }
+    free(text);
+    seqset_fini(&set);
+    if (y->held_highest > y->vanish_highest)
+        y->vanish_highest = y->held_highest;
+    y->held_highest = 0;
+}
+
+/* The expunge of uid, up_seq in the upstream's numbering before it, is
+ * recorded: tell it (after any held ones) or hold it. */
+static void sync_expunged_one(struct sess *s, uint32_t uid, uint32_t up_seq, bool tell,
+                              uint64_t highest)
+{
+    struct sync *y = s->sync;
+    char line[48];
+
+    if (!tell) {
+        if (cview_hold(&y->view, uid) < 0)
+            sess_fail(s, QR_ENOMEM, "held expunge");
+        if (highest > y->held_highest)
+            y->held_highest = highest;
+        return;
+    }
+    /* QR-45: the completion of the command tells the new HIGHESTMODSEQ. */
+    if (highest > y->vanish_highest)
+        y->vanish_highest = highest;
+    sync_tell_held(s);
+    int n = s->is_qresync ? snprintf(line, sizeof(line), "* VANISHED %u\r\n", uid)
+                          : snprintf(line, sizeof(line), "* %u EXPUNGE\r\n", up_seq);
+    sess_send(&s->cli, NULL, line, (size_t)n);
+}
+
+static void on_vanish_observed(void *arg, int err, const struct store_result *res)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    y->highest = res->highest;
+    sync_expunged_one(s, y->vanish_uid, y->vanish_seq, y->is_vanish_told, res->highest);
+    sess_release(&s->up);
+    sess_release(&s->cli);
+}
+
+bool sync_vanish_line(struct sess *s, uint32_t seq)
+{
+    struct sync *y = s->sync;
+    uint32_t uid = msgmap_uid(&y->map, seq);
+
+    if (uid == 0) {
+        /* QR-41: a message whose UID the session has not learnt yet (new
+         * mail not looked up). It cannot be named; the count must still
+         * drop, so it goes out as EXPUNGE, numbered for the client. */
+        struct log_line l;
+        log_begin(&l, LOG_WARN, "qresync.expunge_unknown_uid");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "seq", seq);
+        log_end(&l);
+        if (sync_has_held(s) && sync_may_tell(s))
+            sync_tell_held(s);
+        return false;
+    }
+    bool tell = sync_may_tell(s);
+    sync_expunge(s, seq);
+    if (y->req != NULL || y->is_snapping) {
+        /* The store is busy with this session's own request: the next
+         * snapshot records the expunge (inv. 3). */
+        sync_expunged_one(s, uid, seq, tell, 0);
+        return true;
+    }
+    /* QR-10: the expunge takes a modseq before the client hears of it. */
+    struct store_obs ob = {.uid = uid, .is_gone = true};
+    y->vanish_uid = uid;
+    y->vanish_seq = seq;
+    y->is_vanish_told = tell;
+    sess_hold(&s->up);
+    sess_hold(&s->cli);
+    int rc = store_observe(y->mb, &ob, 1, on_vanish_observed, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+    return true;
+}
+
+void sync_before_tagged(struct sess *s, const struct pending *p)
+{
+    if (sync_has_held(s) && !p->is_internal && !p->no_expunge)
+        sync_tell_held(s); /* CS-66: the command allows it, and it ends */
+}
+
+void sync_command_starts(struct sess *s, bool forbids_expunge)
+{
+    /* Nothing before it is pending: its own first responses may tell the
+     * held expunges (a NOOP, IDLE, UID FETCH...). */
+    if (sync_has_held(s) && !forbids_expunge && s->head == NULL)
+        sync_tell_held(s);
+}
+
+char *sync_to_up_set(const struct sess *s, const char *set, size_t len)
+{
+    struct seqset up;
+    bool has_new;
+
+    seqset_init(&up);
+    int rc = client_set(s->sync, set, len, NULL, &up, &has_new);
+    char *text = rc == 0 ? set_text_or_empty(&up) : NULL;
+    seqset_fini(&up);
+    return text;
+}
+
+size_t sync_num_end(const char *b, size_t len)
+{
+    size_t i = 2;
+    if (len < 3 || b[0] != '*' || b[1] != ' ')
+        return 0;
+    while (i < len && b[i] >= '0' && b[i] <= '9')
+        i++;
+    return i > 2 && i < len && b[i] == ' ' ? i : 0;
+}
+
+uint32_t sync_cli_number(const struct sess *s, uint32_t up_n, bool is_exists)
+{
+    const struct sync *y = s->sync;
+    if (y == NULL || y->view.n == 0)
+        return up_n;
+    return is_exists ? up_n + y->view.n : cview_from_up(&y->view, &y->map, up_n);
+}
+
+bool sync_code_is_tagged(const struct sess *s, const struct pending *p)
+{
+    return s->sync != NULL && (p == s->sync->store_cmd || p->is_expunge);
+}
+
+/* ------------------------------------- new messages' UIDs (QR-41, CS-21) */
+
+/* Look the UIDs of new messages up with `UID FETCH n:* (UID FLAGS)` once
+ * the upstream is not in IDLE; its answers fill the map only. */
+static void sync_lookup(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->phase != SEL_DONE || y->lookup != NULL || y->is_snapping ||
+        msgmap_is_complete(&y->map))
+        return;
+    for (const struct pending *p = s->head; p != NULL; p = p->next) {
+        if (p->kind == CMD_IDLE && !p->is_done)
+            return; /* after DONE (sync_idle) */
+    }
+    uint32_t first = msgmap_first_unknown(&y->map);
+    char cmd[64];
+    snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", first);
+    y->lookup = cmd_internal(s, cmd);
 }

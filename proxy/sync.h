@@ -43,6 +43,22 @@ void sync_fini(struct sess *s);
 void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_t len,
                       bool is_plain);
 
+/* The QRESYNC select parameter (RFC 7162 §3.2.5): sets as the client sent
+ * them (validated, no `*`), NULL when absent; malloc'ed. */
+struct qr_select {
+    uint32_t uidvalidity;
+    uint64_t modseq;
+    char *known_uids;
+    char *seqs, *uids; /* sequence-match data */
+};
+
+void sync_qr_free(struct qr_select *q);
+
+/* The selection just sent (sync_select_sent) carries QRESYNC (...): its
+ * answer gets VANISHED (EARLIER) and FETCH lines (QR-33..QR-38). Takes q's
+ * strings. */
+void sync_select_qresync(struct sess *s, struct qr_select *q);
+
 /* True while the session's internal snapshot is in flight: every untagged
  * FETCH is its data and is not relayed. */
 bool sync_swallows_fetch(const struct sess *s);
@@ -89,9 +105,11 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
  * Returns 0, QR_EINVAL for a message set naming no message, or QR_EBUSY
  * when the session cannot do that now (the caller refuses the command).
  * Message numbers are turned into UIDs at once (RFC 3501 §7.4.1). Holds
- * the client meanwhile. Copies its arguments. */
+ * the client meanwhile. Copies its arguments. With vanished (UID FETCH
+ * only, QRESYNC, QR-21/QR-22) `* VANISHED (EARLIER)` for the set's UIDs
+ * expunged since `since` comes first. */
 int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t set_len,
-                            const char *items, size_t items_len, uint64_t since);
+                            const char *items, size_t items_len, uint64_t since, bool vanished);
 
 /* SEARCH/UID SEARCH whose criteria line[0..len) (from the space after
  * the tag to the CRLF) hold n_keys MODSEQ keys at line[from[k], to[k])
@@ -120,9 +138,56 @@ int sync_store_unchangedsince(struct sess *s, bool is_uid, const char *set, size
                               const char *item, size_t item_len, const char *value,
                               size_t value_len, uint64_t since);
 
-/* The set for a `[MODIFIED set]` code the tagged completion of p must
- * carry (CS-41), or NULL. */
-const char *sync_tagged_code(const struct sess *s, const struct pending *p);
+/* The response code the tagged completion of p gets, without brackets:
+ * `MODIFIED set` (CS-41), `HIGHESTMODSEQ n` after VANISHED (QR-45, QR-48;
+ * given once), or NULL. */
+const char *sync_tagged_code(struct sess *s, const struct pending *p);
+
+/* Whether that code belongs in the tagged line itself (a conditional
+ * STORE, EXPUNGE/UID EXPUNGE), not in an untagged OK before it. */
+bool sync_code_is_tagged(const struct sess *s, const struct pending *p);
+
+/* True while the answer of the proxy's own STATUS (UIDNEXT) arrives: its
+ * `* STATUS` line is read (sync_uidnext) and not relayed. */
+bool sync_swallows_status(const struct sess *s);
+
+/* `[UIDNEXT n]` seen on the upstream. */
+void sync_uidnext(struct sess *s, uint32_t v);
+
+/* True when the upstream's `* n EXPUNGE` is the proxy's business: the
+ * mailbox is tracked for a CONDSTORE-aware session. */
+bool sync_vanishes(const struct sess *s);
+
+/* The upstream's `* seq EXPUNGE`: the map updated, recorded in the store
+ * (both sides wait meanwhile), then told as `* VANISHED uid` under QRESYNC
+ * (QR-40) or as EXPUNGE in the client's numbering, or held back while the
+ * client may not hear of it (CS-66, QR-42; proxy/cview.h). Returns false
+ * when it is to be relayed as it came (UID not known). */
+bool sync_vanish_line(struct sess *s, uint32_t seq);
+
+/* Expunges are held back from the client (its numbering lags). */
+bool sync_has_held(const struct sess *s);
+
+/* The tagged completion of the client's command p is about to be sent:
+ * held expunges are told first where p allows. */
+void sync_before_tagged(struct sess *s, const struct pending *p);
+
+/* A client command is about to go upstream (forbids_expunge: a FETCH,
+ * STORE or SEARCH by message numbers, or a UID SEARCH). */
+void sync_command_starts(struct sess *s, bool forbids_expunge);
+
+/* A client's message-number set set[0..len) in the upstream's numbers
+ * while expunges are held (CS-66): the held messages dropped. Returns a
+ * malloc'ed text, "" when no message is left, NULL for an invalid set. */
+char *sync_to_up_set(const struct sess *s, const char *set, size_t len);
+
+/* The end of "* <number>" at the start of an untagged line b[0..len), or
+ * 0 when it does not start so. */
+size_t sync_num_end(const char *b, size_t len);
+
+/* The client's number for the upstream's message number n of a FETCH
+ * (or its message count for an EXISTS) while expunges are held. */
+uint32_t sync_cli_number(const struct sess *s, uint32_t up_n, bool is_exists);
 
 /* CS-23, EN-06: the mailbox was selected without CONDSTORE and this is
  * the first enabling command: true when sync_upgrade can take it. */

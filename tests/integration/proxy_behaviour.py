@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
+import harness
 
 QRESYNCD = os.environ.get("QRESYNCD", "./qresyncd")
 UP_PORT = int(os.environ["DOVECOT_PORT"])
@@ -170,12 +170,8 @@ def imap_children():
                   if int(pp) == UP_PID and c.strip() == "imap")
 
 
-TESTS = []
-
-
-def test(fn):
-    TESTS.append(fn)
-    return fn
+SUITE = harness.Suite()
+test = SUITE.test
 
 
 # ------------------------------------------------------------------ tests
@@ -465,25 +461,5 @@ def idle_and_done_pass_through():
         p.stop()
 
 
-def main():
-    passed = failed = 0
-    only = sys.argv[1:]
-    for t in TESTS:
-        if only and t.__name__ not in only:
-            continue
-        t0 = time.time()
-        try:
-            t()
-            passed += 1
-            print("ok   %s (%.1fs)" % (t.__name__, time.time() - t0))
-        except Exception:
-            failed += 1
-            print("FAIL %s" % t.__name__)
-            traceback.print_exc(limit=3)
-        sys.stdout.flush()
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(SUITE.main())

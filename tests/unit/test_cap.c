@@ -115,18 +115,36 @@ static char *rewrite_cs(const char *line)
     return s;
 }
 
-Test(cap, cs01_condstore_added_in_every_place)
+Test(cap, cs01_qr01_condstore_and_qresync_added_in_every_place)
 {
     char *s = rewrite_cs("* CAPABILITY IMAP4rev1 IDLE\r\n");
-    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 IDLE CONDSTORE ENABLE\r\n");
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 IDLE CONDSTORE QRESYNC ENABLE\r\n");
     free(s);
     s = rewrite_cs("* OK [CAPABILITY IMAP4rev1 STARTTLS] ready\r\n");
-    cr_assert_str_eq(s, "* OK [CAPABILITY IMAP4rev1 CONDSTORE ENABLE] ready\r\n");
+    cr_assert_str_eq(s, "* OK [CAPABILITY IMAP4rev1 CONDSTORE QRESYNC ENABLE] ready\r\n");
     free(s);
     s = rewrite_cs("a OK [CAPABILITY IMAP4rev1 ENABLE UTF8=ACCEPT] Logged in\r\n");
-    cr_assert_str_eq(s, "a OK [CAPABILITY IMAP4rev1 ENABLE UTF8=ACCEPT CONDSTORE] Logged in\r\n",
-                     "ENABLE of a Courier-like upstream not repeated (U2)");
+    cr_assert_str_eq(
+        s, "a OK [CAPABILITY IMAP4rev1 ENABLE UTF8=ACCEPT CONDSTORE QRESYNC] Logged in\r\n",
+        "ENABLE of a Courier-like upstream not repeated (U2)");
     free(s);
+}
+
+Test(cap, cs02_search_extensions_without_modseq_rewrite_are_dropped)
+{
+    char *s = rewrite_cs("* CAPABILITY IMAP4rev1 SORT SORT=DISPLAY THREAD=REFERENCES ESEARCH "
+                         "ESORT SEARCHRES CONTEXT=SEARCH UIDPLUS\r\n");
+    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 UIDPLUS CONDSTORE QRESYNC ENABLE\r\n");
+    free(s);
+    /* Without CONDSTORE offered nothing is dropped. */
+    struct buf out = {0};
+    uint32_t bits;
+    const struct cap_policy plain = {0};
+    const char *line = "* CAPABILITY IMAP4rev1 SORT ESEARCH\r\n";
+    cr_assert_eq(cap_rewrite_line(line, strlen(line), &plain, &out, 4096, &bits), 0);
+    cr_assert_eq(out.len, strlen(line));
+    cr_assert_eq(memcmp(out.p, line, out.len), 0);
+    buf_fini(&out);
 }
 
 Test(cap, x13_upstream_condstore_left_as_is)
@@ -188,11 +206,12 @@ Test(cap, all_extras_in_a_fixed_order)
     static const struct cap_policy all = {
         .add_condstore = true, .add_starttls = true, .refuse_plain_auth = true};
     char *s = rewrite_pol("* CAPABILITY IMAP4rev1\r\n", &all);
-    cr_assert_str_eq(s, "* CAPABILITY IMAP4rev1 CONDSTORE ENABLE STARTTLS LOGINDISABLED\r\n");
+    cr_assert_str_eq(s,
+                     "* CAPABILITY IMAP4rev1 CONDSTORE QRESYNC ENABLE STARTTLS LOGINDISABLED\r\n");
     free(s);
     /* an empty list gets no leading space */
     s = rewrite_pol("* CAPABILITY STARTTLS\r\n", &all);
-    cr_assert_str_eq(s, "* CAPABILITY CONDSTORE ENABLE STARTTLS LOGINDISABLED\r\n");
+    cr_assert_str_eq(s, "* CAPABILITY CONDSTORE QRESYNC ENABLE STARTTLS LOGINDISABLED\r\n");
     free(s);
 }
 

@@ -1,0 +1,54 @@
+"""The integration suites' runner: a registry of test functions, a
+decorator that runs one test against each legacy upstream, and the main
+loop that prints "ok"/"FAIL" per test and ends with "N passed, M failed"
+(the line tests/run-checks.sh reads).
+
+    suite = harness.Suite()
+    @suite.test
+    def some_test(): ...
+    @suite.both(UPSTREAMS)      # some_test[dovecot], some_test[courier]
+    def other(up): ...
+    sys.exit(suite.main())      # names given on the command line filter
+"""
+import sys
+import time
+import traceback
+
+
+class Suite:
+    def __init__(self):
+        self.tests = []
+
+    def test(self, fn):
+        self.tests.append(fn)
+        return fn
+
+    def both(self, upstreams):
+        """The decorated test(up) runs once per upstream name."""
+        def deco(fn):
+            for up in upstreams:
+                def run(up=up):
+                    fn(up)
+                run.__name__ = "%s[%s]" % (fn.__name__, up)
+                self.tests.append(run)
+            return fn
+        return deco
+
+    def main(self, argv=None):
+        passed = failed = 0
+        only = sys.argv[1:] if argv is None else argv
+        for t in self.tests:
+            if only and not any(o in t.__name__ for o in only):
+                continue
+            t0 = time.time()
+            try:
+                t()
+                passed += 1
+                print("ok   %s (%.1fs)" % (t.__name__, time.time() - t0))
+            except Exception:
+                failed += 1
+                print("FAIL %s" % t.__name__)
+                traceback.print_exc(limit=4)
+            sys.stdout.flush()
+        print("%d passed, %d failed" % (passed, failed))
+        return 1 if failed else 0

@@ -1,0 +1,685 @@
+#!/usr/bin/env python3
+"""QRESYNC (RFC 7162 §3.2) through qresyncd, against real legacy upstreams
+(Dovecot with CONDSTORE/QRESYNC hidden, Courier) and a real Redis. Test
+names carry the CHECKLIST and CLIENT-EXPECTATIONS IDs they guard.
+
+Each test that changes mail works in a mailbox of its own, made with APPEND
+over a direct connection to the upstream, so tests do not disturb each
+other or the CONDSTORE suite. Out-of-band changes are made the same way,
+behind qresyncd's back. Run by qresync.sh; ends with "N passed, M failed".
+"""
+import itertools
+import os
+import re
+import subprocess
+import sys
+import time
+
+import harness
+import proxy_behaviour as pb
+
+REDIS_PORT = int(os.environ["REDIS_PORT"])
+COURIER_PORT = int(os.environ["COURIER_PORT"])
+UPSTREAMS = {"dovecot": pb.UP_PORT, "courier": COURIER_PORT}
+_seq = itertools.count(1)
+
+
+def proxy(up="dovecot", *args, db=None):
+    # Each upstream gets its own Redis database (the CONDSTORE suite uses 0
+    # and 1); a test may ask for another.
+    if db is None:
+        db = {"dovecot": 2, "courier": 3}[up]
+    return pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
+                    upstream=UPSTREAMS[up])
+
+
+def redis(db, *args):
+    return subprocess.run(["redis-cli", "-p", str(REDIS_PORT), "-n", str(db)] + list(args),
+                          capture_output=True, text=True, timeout=10).stdout
+
+
+def direct(up):
+    c = pb.Client(UPSTREAMS[up])
+    c.login()
+    return c
+
+
+def ok(lines, tag):
+    assert lines[-1].startswith(tag.encode() + b" OK"), lines
+    return lines
+
+
+def new_mailbox(up, n=8, flagged=()):
+    """A fresh mailbox with n small messages (UIDs 1..n); message i in
+    flagged gets \\Flagged. Returns its name as the client sends it."""
+    name = ("QR%d_%d" % (os.getpid(), next(_seq)))
+    if up == "courier":
+        name = "INBOX." + name
+    d = direct(up)
+    ok(d.cmd("c", "CREATE %s" % name), "c")
+    for i in range(1, n + 1):
+        body = ("From: t@example.org\r\nSubject: m%d\r\nMessage-ID: <m%d.%s@qr>\r\n\r\n"
+                "body %d\r\n" % (i, i, name, i)).encode()
+        flags = "(\\Flagged)" if i in flagged else "()"
+        d.send("a%d APPEND %s %s {%d}\r\n" % (i, name, flags, len(body)))
+        line = d.line()
+        assert line.startswith(b"+"), line
+        d.send(body + b"\r\n")
+        ok(d.until_tag("a%d" % i)[0], "a%d" % i)
+    d.cmd("z", "LOGOUT")
+    return name
+
+
+def truth(up, mbox):
+    """The upstream's own view: {uid: set of flags}, without \\Recent."""
+    d = direct(up)
+    ok(d.cmd("s", "EXAMINE %s" % mbox), "s")
+    out = {}
+    for l in d.cmd("f", "UID FETCH 1:* (FLAGS)"):
+        m = re.match(rb"\* \d+ FETCH \((.*)\)$", l)
+        if m:
+            uid = int(re.search(rb"UID (\d+)", l).group(1))
+            out[uid] = flags_of(l)
+    d.cmd("z", "LOGOUT")
+    return out
+
+
+def flags_of(line):
+    m = re.search(rb"FLAGS \(([^)]*)\)", line)
+    return set(m.group(1).split()) - {b"\\Recent"}
+
+
+def oob(up, mbox, *cmds):
+    """Commands over a direct connection with mbox selected."""
+    d = direct(up)
+    ok(d.cmd("s", "SELECT %s" % mbox), "s")
+    out = []
+    for i, c in enumerate(cmds):
+        out += ok(d.cmd("o%d" % i, c), "o%d" % i)
+    d.cmd("z", "LOGOUT")
+    return out
+
+
+def highest(lines):
+    for l in lines:
+        m = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", l)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def uidvalidity(lines):
+    for l in lines:
+        m = re.search(rb"\[UIDVALIDITY (\d+)\]", l)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def uidset(text):
+    out = set()
+    for part in text.split(b","):
+        if b":" in part:
+            a, b = part.split(b":")
+            a, b = int(a), int(b)
+            out.update(range(min(a, b), max(a, b) + 1))
+        else:
+            out.add(int(part))
+    return out
+
+
+def vanished_earlier(lines):
+    out = set()
+    for l in lines:
+        if l.startswith(b"* VANISHED (EARLIER) "):
+            out |= uidset(l.split(b" ")[3])
+    return out
+
+
+def fetches(lines):
+    """{uid: (seq, flags, modseq)} of the FETCH lines."""
+    out = {}
+    for l in lines:
+        m = re.match(rb"\* (\d+) FETCH ", l)
+        if not m:
+            continue
+        uid = int(re.search(rb"UID (\d+)", l).group(1))
+        ms = re.search(rb"MODSEQ \((\d+)\)", l)
+        out[uid] = (int(m.group(1)), flags_of(l), int(ms.group(1)) if ms else None)
+    return out
+
+
+class Cache:
+    """What a QRESYNC client keeps of a mailbox: UIDVALIDITY, the last
+    HIGHESTMODSEQ and every UID's flags, and how it applies a resync."""
+
+    def __init__(self, c, tag, mbox):
+        lines = ok(c.cmd(tag, "SELECT %s" % mbox), tag)
+        self.uidvalidity = uidvalidity(lines)
+        self.highest = highest(lines)
+        self.msgs = {}
+        for uid, (seq, fl, ms) in fetches(ok(c.cmd(tag + "f", "UID FETCH 1:* (FLAGS)"),
+                                             tag + "f")).items():
+            self.msgs[uid] = fl
+
+    def resync(self, c, tag, mbox, known=False):
+        arg = "%d %d" % (self.uidvalidity, self.highest)
+        if known:
+            arg += " " + ",".join(str(u) for u in sorted(self.msgs))
+        lines = ok(c.cmd(tag, "SELECT %s (QRESYNC (%s))" % (mbox, arg)), tag)
+        for uid in vanished_earlier(lines):
+            self.msgs.pop(uid, None)
+        for uid, (seq, fl, ms) in fetches(lines).items():
+            self.msgs[uid] = fl
+        self.highest = highest(lines)
+        return lines
+
+
+SUITE = harness.Suite()
+test = SUITE.test
+both = SUITE.both(UPSTREAMS)
+
+
+def session(p):
+    c = pb.Client(p.port)
+    c.login()
+    return c
+
+
+@both
+def qr01_qr02_qresync_condstore_enable_in_every_capability_list(up):
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        lists = [c.greeting] + c.cmd("a", "CAPABILITY")
+        lists += c.cmd("L", 'LOGIN "%s" "%s"' % (pb.USER, pb.PASS))
+        lists += c.cmd("b", "CAPABILITY")
+        for l in lists:
+            if not (l.startswith(b"* CAPABILITY") or b"[CAPABILITY" in l):
+                continue
+            words = l.upper().replace(b"]", b" ").split()
+            for w in (b"CONDSTORE", b"QRESYNC", b"ENABLE"):
+                assert words.count(w) == 1, (w, l)
+            for w in (b"ESEARCH", b"SORT", b"ESORT", b"SEARCHRES"):
+                assert w not in words, ("CS-02: not rewritten, not offered", l)
+    finally:
+        p.stop()
+
+
+@test
+def en01_en02_enable_qresync_spellings_give_one_enabled_line():
+    p = proxy()
+    try:
+        for cmd, want in (("ENABLE QRESYNC", b"* ENABLED QRESYNC"),
+                          ("ENABLE qresync condstore", b"* ENABLED CONDSTORE QRESYNC"),
+                          ("ENABLE CONDSTORE QRESYNC", b"* ENABLED CONDSTORE QRESYNC")):
+            c = session(p)
+            lines = ok(c.cmd("e", cmd), "e")
+            enabled = [l for l in lines if l.startswith(b"* ENABLED")]
+            assert enabled == [want], lines
+            again = ok(c.cmd("e2", "ENABLE QRESYNC"), "e2")
+            assert b"* ENABLED" in again and not any(b"QRESYNC" in l for l in again[:-1]), again
+            c.close()
+    finally:
+        p.stop()
+
+
+@test
+def en02_courier_enable_split_names_qresync_once():
+    p = proxy("courier")
+    try:
+        c = session(p)
+        lines = ok(c.cmd("e", "ENABLE UTF8=ACCEPT QRESYNC"), "e")
+        enabled = [l for l in lines if l.startswith(b"* ENABLED")]
+        assert len(enabled) == 1 and b"UTF8=ACCEPT" in enabled[0] and b"QRESYNC" in enabled[0], lines
+    finally:
+        p.stop()
+
+
+@both
+def qr30_x9_qresync_select_without_enable_is_bad_and_nothing_changes(up):
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("s0", "SELECT INBOX"), "s0")
+        lines = c.cmd("s1", "SELECT INBOX (QRESYNC (1 1))")
+        assert lines[-1].startswith(b"s1 BAD"), lines
+        assert not any(b"CLOSED" in l for l in lines), "nothing closed (QR-31)"
+        # INBOX is still selected: a FETCH works.
+        ok(c.cmd("f", "FETCH 1 (UID)"), "f")
+    finally:
+        p.stop()
+
+
+@both
+def qr31_invalid_qresync_parameters_are_bad_e5_e14_uidvalidity_0_is_a_mismatch_x3(up):
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        for bad in ("(QRESYNC (1 2 1:*))", "(QRESYNC (1))", "(QRESYNC (x 1))",
+                    "(QRESYNC (1 1) QRESYNC (1 1))", "(QRESYNC (1 1 1:5 (1:2 *)))",
+                    "(QRESYNC (1 99999999999999999999))", "(QRESYNC 1 1)"):
+            lines = c.cmd("b", "SELECT INBOX " + bad)
+            assert lines[-1].startswith(b"b BAD"), (bad, lines)
+        lines = ok(c.cmd("z", "SELECT INBOX (QRESYNC (0 1))"), "z")
+        assert highest(lines) is not None
+        assert not any(b"VANISHED" in l for l in lines), "E14: a mismatch, nothing resynced"
+        assert not fetches(lines), lines
+        lines = ok(c.cmd("x", "EXAMINE INBOX (CONDSTORE QRESYNC (1 1))"), "x")
+        assert highest(lines) is not None, "X3: both parameters together"
+    finally:
+        p.stop()
+
+
+@both
+def qr33_uidvalidity_mismatch_gives_a_plain_condstore_select(up):
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = ok(c.cmd("s", "SELECT INBOX (QRESYNC (12345 1 1:100))"), "s")
+        assert highest(lines) is not None
+        assert not any(b"VANISHED" in l for l in lines) and not fetches(lines), lines
+    finally:
+        p.stop()
+
+
+@both
+def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
+    mbox = new_mailbox(up, 10, flagged=(2,))
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        cache = Cache(c, "s", mbox)
+        assert cache.highest and sorted(cache.msgs) == list(range(1, 11))
+        c.cmd("z", "LOGOUT")
+        # Behind the proxy's back: flags, expunges (3 and the top UID 10:
+        # X5) and new mail.
+        oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)", "UID STORE 2 -FLAGS (\\Flagged)",
+            "UID STORE 3,10 +FLAGS (\\Deleted)", "EXPUNGE")
+        d = direct(up)
+        body = b"From: t@example.org\r\nSubject: new\r\n\r\nnew\r\n"
+        d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
+        d.line()
+        d.send(body + b"\r\n")
+        ok(d.until_tag("a")[0], "a")
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = cache.resync(c, "r", mbox)
+        # QR-36: HIGHESTMODSEQ, then VANISHED (EARLIER), then FETCH, then OK.
+        kinds = []
+        for l in lines:
+            if b"[HIGHESTMODSEQ" in l:
+                kinds.append("H")
+            elif l.startswith(b"* VANISHED (EARLIER)"):
+                kinds.append("V")
+            elif re.match(rb"\* \d+ FETCH", l):
+                kinds.append("F")
+        assert kinds[0] == "H" and "V" in kinds and "F" in kinds, kinds
+        assert kinds == sorted(kinds, key="HVF".index), kinds
+        assert {3, 10} <= vanished_earlier(lines), lines
+        t = truth(up, mbox)
+        assert not (vanished_earlier(lines) & set(t)), "inv. 4: never a live UID"
+        assert set(fetches(lines)) >= {2, 4, 11}, lines
+        for uid, (seq, fl, ms) in fetches(lines).items():
+            assert ms > cache.highest or True
+        assert cache.msgs == t, (cache.msgs, t)
+        # FETCH numbers are this selection's message numbers.
+        for uid, (seq, fl, ms) in fetches(lines).items():
+            got = ok(c.cmd("q%d" % seq, "FETCH %d (UID)" % seq), "q%d" % seq)
+            assert b"UID %d" % uid in got[0], (uid, seq, got)
+        # Nothing changed since: an empty resync (QR-35).
+        c2 = session(p)
+        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = cache.resync(c2, "r2", mbox)
+        assert not vanished_earlier(lines) and not fetches(lines), lines
+    finally:
+        p.stop()
+
+
+@both
+def qr35_known_uids_restrict_the_answer(up):
+    mbox = new_mailbox(up, 8)
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        cache = Cache(c, "s", mbox)
+        c.cmd("z", "LOGOUT")
+        oob(up, mbox, "UID STORE 2,6 +FLAGS (\\Seen)", "UID STORE 3,7 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d 1:4))" %
+                         (mbox, cache.uidvalidity, cache.highest)), "r")
+        assert vanished_earlier(lines) == {3}, lines
+        assert set(fetches(lines)) == {2}, lines
+    finally:
+        p.stop()
+
+
+@both
+def inv4_qr22_qr38_redis_flushed_between_sessions_client_still_ends_exact(up):
+    mbox = new_mailbox(up, 10)
+    p = proxy(up)
+    db = {"dovecot": 2, "courier": 3}[up]
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        cache = Cache(c, "s", mbox)
+        c.cmd("z", "LOGOUT")
+        oob(up, mbox, "UID STORE 5 +FLAGS (\\Answered)", "UID STORE 6,10 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        assert "OK" in redis(db, "FLUSHDB")
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = cache.resync(c, "r", mbox)
+        t = truth(up, mbox)
+        assert {6, 10} <= vanished_earlier(lines), lines
+        assert not (vanished_earlier(lines) & set(t)), "X6: no live UID in VANISHED"
+        assert set(fetches(lines)) == set(t), "QR-38: every message's flags"
+        assert cache.msgs == t, (cache.msgs, t)
+        assert cache.highest > 0
+    finally:
+        p.stop()
+
+
+@both
+def qr37_sequence_match_data_narrows_computed_vanished(up):
+    mbox = new_mailbox(up, 10)
+    p = proxy(up)
+    db = {"dovecot": 2, "courier": 3}[up]
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        cache = Cache(c, "s", mbox)
+        c.cmd("z", "LOGOUT")
+        oob(up, mbox, "UID STORE 8 +FLAGS (\\Deleted)", "EXPUNGE")
+        redis(db, "FLUSHDB")  # the computed path (QR-22)
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        # Messages 1..7 still have UIDs 1..7: the pairs (5,5) and (7,7)
+        # match, so nothing at or below 7 is named (QR-37).
+        lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d 1:10 (5,7 5,7)))" %
+                         (mbox, cache.uidvalidity, cache.highest)), "r")
+        assert vanished_earlier(lines) == {8}, lines
+        # Pairs that do not line up are ignored: a larger (still safe) set.
+        lines = ok(c.cmd("r2", "SELECT %s (QRESYNC (%d %d 1:10 (5,7 5)))" %
+                         (mbox, cache.uidvalidity, cache.highest)), "r2")
+        assert 8 in vanished_earlier(lines) and not (vanished_earlier(lines) &
+                                                       set(truth(up, mbox))), lines
+    finally:
+        p.stop()
+
+
+@both
+def qr40_qr45_expunge_answers_vanished_and_tagged_highestmodseq(up):
+    mbox = new_mailbox(up, 6)
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        ok(c.cmd("d", "UID STORE 2,4,5 +FLAGS.SILENT (\\Deleted)"), "d")
+        lines = ok(c.cmd("x", "EXPUNGE"), "x")
+        assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
+        van = set()
+        for l in lines:
+            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
+                van |= uidset(l.split(b" ")[2])
+        assert van == {2, 4, 5}, lines
+        h1 = highest([lines[-1]])
+        assert h1 is not None and h1 > h0, ("QR-45: tagged HIGHESTMODSEQ", lines)
+        # The map followed: message 2 is now UID 3.
+        assert b"UID 3" in ok(c.cmd("f", "FETCH 2 (UID)"), "f")[0]
+        # A later resync from h0 names them (QR-10: recorded with a modseq).
+        c2 = session(p)
+        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        uv = uidvalidity(c.cmd("u", "NOOP")) or None
+        lines = ok(c2.cmd("r", "SELECT %s (QRESYNC (%d %d))" %
+                          (mbox, uidvalidity(ok(c2.cmd("q", "EXAMINE %s" % mbox), "q")), h0)),
+                   "r")
+        assert vanished_earlier(lines) == {2, 4, 5}, lines
+        del uv
+    finally:
+        p.stop()
+
+
+@both
+def qr40_expunge_by_another_session_reaches_noop_as_vanished_qr41_new_mail(up):
+    mbox = new_mailbox(up, 5)
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        ok(c.cmd("s", "SELECT %s" % mbox), "s")
+        d = direct(up)
+        body = b"From: t@example.org\r\nSubject: late\r\n\r\nlate\r\n"
+        d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
+        d.line()
+        d.send(body + b"\r\n")
+        ok(d.until_tag("a")[0], "a")
+        lines = ok(c.cmd("n1", "NOOP"), "n1")
+        assert any(l.endswith(b"EXISTS") for l in lines), lines
+        ok(c.cmd("n2", "NOOP"), "n2")  # the new message's UID is looked up
+        ok(d.cmd("s", "SELECT %s" % mbox), "s")
+        ok(d.cmd("t", "UID STORE 2,6 +FLAGS (\\Deleted)"), "t")
+        ok(d.cmd("x", "EXPUNGE"), "x")
+        got = []
+        for i in range(5):
+            lines = ok(c.cmd("n%d" % (i + 3), "NOOP"), "n%d" % (i + 3))
+            got += lines
+            if sum(1 for l in got if l.startswith(b"* VANISHED")) >= 2:
+                break
+            time.sleep(0.5)
+        assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in got), got
+        van = set()
+        for l in got:
+            if l.startswith(b"* VANISHED "):
+                assert b"EARLIER" not in l, "QR-43"
+                van |= uidset(l.split(b" ")[2])
+        assert van == {2, 6}, got
+    finally:
+        p.stop()
+
+
+@both
+def qr21_x5_uid_fetch_changedsince_vanished_lists_expunged_before_fetch(up):
+    mbox = new_mailbox(up, 8)
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        oob(up, mbox, "UID STORE 2 +FLAGS (\\Seen)", "UID STORE 5,8 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        # A second session through the proxy sees the expunges first: they
+        # are in the history when the first one asks (QR-21's own path).
+        c2 = session(p)
+        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        ok(c2.cmd("s", "EXAMINE %s" % mbox), "s")
+        lines = ok(c.cmd("f", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h0), "f")
+        vi = [i for i, l in enumerate(lines) if l.startswith(b"* VANISHED (EARLIER)")]
+        fi = [i for i, l in enumerate(lines) if re.match(rb"\* \d+ FETCH", l)]
+        assert vi and fi and max(vi) < min(fi), ("QR-21: VANISHED first", lines)
+        assert vanished_earlier(lines) == {5, 8}, "X5: the top UID too"
+        assert 2 in fetches(lines), lines
+        # Expunges the session hears of during the command itself come as
+        # live VANISHED (allowed in a UID command, QR-42), never as EXPUNGE.
+        oob(up, mbox, "UID STORE 3 +FLAGS (\\Deleted)", "EXPUNGE")
+        h1 = highest(lines)
+        lines = ok(c.cmd("g", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h1), "g")
+        van = vanished_earlier(lines)
+        for l in lines:
+            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
+                van |= uidset(l.split(b" ")[2])
+        assert van == {3}, lines
+        assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
+        assert not (van & set(truth(up, mbox))), lines
+    finally:
+        p.stop()
+
+
+@both
+def qr20_x9_vanished_modifier_misuse_is_bad(up):
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("s", "SELECT INBOX (CONDSTORE)"), "s")
+        lines = c.cmd("a", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+        assert lines[-1].startswith(b"a BAD"), ("E2: QRESYNC not enabled", lines)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = c.cmd("b", "FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+        assert lines[-1].startswith(b"b BAD"), ("E3: not UID FETCH", lines)
+        lines = c.cmd("c", "UID FETCH 1:* (FLAGS) (VANISHED)")
+        assert lines[-1].startswith(b"c BAD"), ("E4: no CHANGEDSINCE", lines)
+    finally:
+        p.stop()
+
+
+@both
+def qr60_closed_marks_the_boundary_between_mailboxes(up):
+    other = "Archive" if up == "dovecot" else "INBOX.Archive"
+    p = proxy(up)
+    try:
+        c = session(p)
+        lines = ok(c.cmd("s1", "SELECT INBOX"), "s1")
+        assert not any(b"[CLOSED]" in l for l in lines), "nothing was selected"
+        lines = ok(c.cmd("s2", "EXAMINE %s" % other), "s2")
+        assert lines[0].startswith(b"* OK [CLOSED] "), ("first line, GEN-01 text", lines)
+        assert sum(1 for l in lines if b"[CLOSED]" in l) == 1, lines
+        assert any(l.endswith(b"EXISTS") for l in lines[1:]), lines
+        lines = c.cmd("s3", "SELECT NoSuchMailbox%d" % os.getpid())
+        assert lines[0].startswith(b"* OK [CLOSED]") and lines[-1].startswith(b"s3 NO"), lines
+        lines = ok(c.cmd("s4", "SELECT INBOX"), "s4")
+        assert not any(b"[CLOSED]" in l for l in lines), "the failed SELECT left none selected"
+        lines = ok(c.cmd("c", "CLOSE"), "c")
+        assert not any(b"[CLOSED]" in l for l in lines), "not for CLOSE"
+        # With QRESYNC enabled too, and a CONDSTORE selection.
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        ok(c.cmd("s5", "SELECT INBOX"), "s5")
+        lines = ok(c.cmd("s6", "SELECT INBOX"), "s6")
+        assert lines[0].startswith(b"* OK [CLOSED]"), "the same mailbox again"
+        assert highest(lines) is not None
+    finally:
+        p.stop()
+
+
+@both
+def qr47_close_has_no_code_and_later_resync_names_the_removed(up):
+    mbox = new_mailbox(up, 5)
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        lines = ok(c.cmd("s", "SELECT %s" % mbox), "s")
+        h0, uv = highest(lines), uidvalidity(lines)
+        ok(c.cmd("d", "UID STORE 3 +FLAGS.SILENT (\\Deleted)"), "d")
+        lines = ok(c.cmd("c", "CLOSE"), "c")
+        assert not any(b"VANISHED" in l or b"EXPUNGE" in l for l in lines), lines
+        assert highest(lines) is None, "QR-47: no HIGHESTMODSEQ on CLOSE"
+        lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d))" % (mbox, uv, h0)), "r")
+        assert vanished_earlier(lines) == {3}, lines
+    finally:
+        p.stop()
+
+
+@both
+def en06_enable_qresync_while_selected_then_expunge_is_vanished(up):
+    mbox = new_mailbox(up, 4)
+    p = proxy(up)
+    try:
+        c = session(p)
+        ok(c.cmd("s", "SELECT %s" % mbox), "s")
+        lines = ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        assert highest(lines) is not None, ("CS-23: HIGHESTMODSEQ injected", lines)
+        ok(c.cmd("d", "UID STORE 2 +FLAGS.SILENT (\\Deleted)"), "d")
+        lines = ok(c.cmd("x", "EXPUNGE"), "x")
+        assert b"* VANISHED 2" in lines, lines
+    finally:
+        p.stop()
+
+
+@both
+def qr42_cs66_expunge_found_during_a_numbered_command_is_held_and_numbers_stay(up):
+    """PITFALLS 7: the refresh of a FETCH (CHANGEDSINCE) by message numbers
+    makes the upstream report another session's expunge. The client hears
+    nothing of it during the FETCH, SEARCH or STORE that follow, its
+    message numbers keep meaning what they meant (the proxy translates),
+    and the next NOOP tells it: VANISHED under QRESYNC, EXPUNGE with the
+    right number under CONDSTORE."""
+    for qresync in (True, False):
+        mbox = new_mailbox(up, 6)
+        p = proxy(up)
+        try:
+            c = session(p)
+            if qresync:
+                ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+            h0 = highest(ok(c.cmd("s", "SELECT %s (CONDSTORE)" % mbox), "s"))
+            oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)", "UID STORE 2 +FLAGS (\\Deleted)",
+                "EXPUNGE")
+            lines = ok(c.cmd("f", "FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % h0), "f")
+            assert not any(b"VANISHED" in l or b"EXPUNGE" in l for l in lines), lines
+            f = fetches(lines)
+            assert 4 in f and f[4][0] == 4, ("the client's number for UID 4", lines)
+            # Still the client's numbering: 3 is UID 3, 6 is UID 6.
+            lines = ok(c.cmd("g", "FETCH 3,6 (UID FLAGS)"), "g")
+            assert {u: v[0] for u, v in fetches(lines).items()} == {3: 3, 6: 6}, lines
+            assert not any(b"VANISHED" in l or b"EXPUNGE" in l for l in lines), lines
+            lines = ok(c.cmd("q", "SEARCH 2:6 SEEN"), "q")
+            assert lines[0] == b"* SEARCH 4", lines
+            lines = ok(c.cmd("t", "STORE 5 +FLAGS (\\Answered)"), "t")
+            assert fetches(lines)[5][0] == 5, lines
+            lines = c.cmd("x", "FETCH 2 (FLAGS)")
+            assert not any(re.match(rb"\* 2 FETCH", l) for l in lines[:-1]), lines
+            # A command that may hear of it: NOOP.
+            lines = ok(c.cmd("n", "NOOP"), "n")
+            if qresync:
+                assert b"* VANISHED 2" in lines, lines
+            else:
+                assert b"* 2 EXPUNGE" in lines, lines
+            lines = ok(c.cmd("h", "FETCH 2 (UID)"), "h")
+            assert b"UID 3" in lines[0], lines
+            c.cmd("z", "LOGOUT")
+        finally:
+            p.stop()
+
+
+@test
+def en07_redis_lost_between_capability_and_enable_leaves_qresync_out():
+    port = pb.free_port()
+    r = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while subprocess.run(["redis-cli", "-p", str(port), "PING"], capture_output=True,
+                             text=True).stdout.strip() != "PONG":
+            assert time.time() < deadline, "redis did not start"
+            time.sleep(0.05)
+        p = pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d" % port,
+                     upstream=pb.UP_PORT)
+        try:
+            time.sleep(0.3)
+            c = pb.Client(p.port)
+            caps = b" ".join(c.cmd("a", "CAPABILITY"))
+            assert b"QRESYNC" in caps, caps
+            c.login()
+            r.terminate()
+            r.wait()
+            time.sleep(0.5)
+            lines = ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+            assert lines[0] == b"* ENABLED", ("EN-07", lines)
+            lines = c.cmd("s", "SELECT INBOX (QRESYNC (1 1))")
+            assert lines[-1].startswith(b"s BAD"), ("QR-30", lines)
+        finally:
+            p.stop()
+    finally:
+        if r.poll() is None:
+            r.terminate()
+            r.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(SUITE.main())
