@@ -1514,8 +1514,11 @@ def run_qr_scenario(t):
         o["uv"] = uv
         h1 = highests(o["sel_q1"])[0]
         o["H1"] = h1
-        o["uidnext1"] = int(re.search(rb"\[UIDNEXT (\d+)\]", b"\n".join(o["sel_q1"])).group(1))
+        un = re.search(rb"\[UIDNEXT (\d+)\]", b"\n".join(o["sel_q1"]))
+        o["uidnext1"] = int(un.group(1)) if un else None  # Courier sends none
         cache = qr_apply({}, q.cmd("UID FETCH 1:* (UID FLAGS MODSEQ)"))
+        if o["uidnext1"] is None:
+            o["uidnext1"] = max(cache) + 1  # what a client does without UIDNEXT
         o["cache1"] = {u: dict(v) for u, v in cache.items()}
         o["seq1"] = {s: f["uid"] for s, f in merged(q.cmd("FETCH 1:* (UID)")).items()}
         q.close()
@@ -2130,6 +2133,59 @@ def diff_qr_answers_mean_what_native_answers(t, o, ref):
     assert not bad, "\n".join(str(x) for x in bad[:10])
 
 
+def sasl_session_highests(port, steps):
+    """Logs in through port with AUTHENTICATE: steps is the command line's
+    arguments after AUTHENTICATE, then the lines sent after each `+`.
+    Returns (tagged answer, SELECT Archive (CONDSTORE) answer)."""
+    import base64
+    c = pb.Client(port)
+    try:
+        c.send("a0 AUTHENTICATE %s\r\n" % steps[0])
+        for reply in steps[1:]:
+            cont = c.line()
+            assert cont.startswith(b"+"), cont
+            c.send(base64.b64encode(reply) + b"\r\n")
+        login = c.until_tag("a0")[0]
+        assert login[-1].startswith(b"a0 OK"), login
+        return login, c.cmd("a1", "SELECT Archive (CONDSTORE)")
+    finally:
+        c.close()
+
+
+def sasl_check(name, steps_fn, doc):
+    def fn(targets):
+        t = [x for x in targets if x.name == "proxy-dovecot"][0]
+        login, sel = sasl_session_highests(t.port, steps_fn())
+        hm = highests(sel)
+        assert len(hm) == 1 and not any(b"NOMODSEQ" in l for l in sel), \
+            "AUTHENTICATE %s -> %r; SELECT Archive (CONDSTORE) -> %r" % (
+                steps_fn()[0].split()[0], login[-1][:60], [l for l in sel if b"MODSEQ" in l])
+    fn.__name__ = name
+    fn.__doc__ = doc
+    EXTRA.append(fn)
+
+
+def _plain_ir():
+    import base64
+    ir = base64.b64encode(b"%s\0%s\0%s" % (pb.USER.encode(), pb.USER.encode(),
+                                             pb.PASS.encode())).decode()
+    return ["PLAIN " + ir]
+
+
+sasl_check("inv7_cs30_authenticate_plain_with_sasl_ir_gets_modseqs",
+           _plain_ir,
+           """DESIGN inv. 7, CS-30: AUTHENTICATE PLAIN with the initial response
+    on the command line (SASL-IR, RFC 4959; what Debian's mutt sends to a
+    server that offers SASL-IR) identifies the user like LOGIN: a CONDSTORE
+    select through the proxy gets HIGHESTMODSEQ, not NOMODSEQ.""")
+sasl_check("inv7_cs30_authenticate_login_gets_modseqs",
+           lambda: ["LOGIN", pb.USER.encode(), pb.PASS.encode()],
+           """DESIGN inv. 7, CS-30: AUTHENTICATE LOGIN (the SASL LOGIN mechanism
+    the proxy passes on as AUTH=LOGIN; mutt's `imap_authenticators=login`)
+    identifies the user like LOGIN: a CONDSTORE select through the proxy
+    gets HIGHESTMODSEQ, not NOMODSEQ.""")
+
+
 # ------------------------------------------------------------- main
 
 # Known proxy bugs and features not built yet: test name -> why. Such a
@@ -2139,7 +2195,13 @@ def diff_qr_answers_mean_what_native_answers(t, o, ref):
 EXPUNGE_IN_ANSWER = ("the refresh (NOOP + UID FETCH 1:*) makes the upstream report another "
                      "session's expunge inside the command's answer (PITFALLS 7); the client's "
                      "message numbers are turned into UIDs first, so the right messages are used")
+SASL_USER = ("the proxy learns the user only from LOGIN and from AUTHENTICATE PLAIN's "
+             "continuation line; SASL-IR's initial response is read while last_kind is "
+             "not yet CMD_AUTHENTICATE (cmd.c cmd_sasl_line) and SASL LOGIN is not read at "
+             "all: event=condstore.nomodseq why=\"user unknown\", NOMODSEQ on every select")
 KNOWN = {
+    "inv7_cs30_authenticate_plain_with_sasl_ir_gets_modseqs": SASL_USER,
+    "inv7_cs30_authenticate_login_gets_modseqs": SASL_USER,
     "qr60_select_while_selected_sends_closed[proxy-courier]":
         "[CLOSED] is not injected (QR-60, issue 6; Dovecot sends its own)",
     "qr42_cs66_no_expunge_during_store_unchangedsince_after_others_expunge[proxy-dovecot]":

@@ -621,10 +621,11 @@ for (const tg of Object.keys(QR_TARGETS)) {
             const mb = await c.mailboxOpen(box);
             cache.uidValidity = mb.uidValidity;
             cache.highestModseq = mb.highestModseq;
-            cache.uidNext = mb.uidNext;
             for (const m of await c.fetchAll('1:*', { uid: true, flags: true })) {
                 cache.messages.set(m.uid, normFlags(m.flags));
             }
+            // Courier sends no UIDNEXT: a client takes the highest UID + 1.
+            cache.uidNext = mb.uidNext || Math.max(...cache.messages.keys()) + 1;
         } finally {
             await done(c);
         }
@@ -674,7 +675,7 @@ for (const tg of Object.keys(QR_TARGETS)) {
                     cache.messages.set(m.uid, normFlags(m.flags));
                 }
             }
-            cache.uidNext = c.mailbox.uidNext;
+            cache.uidNext = c.mailbox.uidNext || Math.max(...cache.messages.keys()) + 1;
             cache.highestModseq = mb.highestModseq;
             bad = cacheProblems(cache, truth1);
             assert(!bad.length, 'after the reconnect:', bad);

