@@ -2192,9 +2192,6 @@ sasl_check("inv7_cs30_authenticate_login_gets_modseqs",
 # test still runs; its failure prints XFAIL and is not counted (the suite
 # runs in `make check`), its success prints XPASS (remove the entry then).
 # QR_STRICT=1 counts them as ordinary tests.
-EXPUNGE_IN_ANSWER = ("the refresh (NOOP + UID FETCH 1:*) makes the upstream report another "
-                     "session's expunge inside the command's answer (PITFALLS 7); the client's "
-                     "message numbers are turned into UIDs first, so the right messages are used")
 SASL_USER = ("the proxy learns the user only from LOGIN and from AUTHENTICATE PLAIN's "
              "continuation line; SASL-IR's initial response is read while last_kind is "
              "not yet CMD_AUTHENTICATE (cmd.c cmd_sasl_line) and SASL LOGIN is not read at "
@@ -2202,20 +2199,6 @@ SASL_USER = ("the proxy learns the user only from LOGIN and from AUTHENTICATE PL
 KNOWN = {
     "inv7_cs30_authenticate_plain_with_sasl_ir_gets_modseqs": SASL_USER,
     "inv7_cs30_authenticate_login_gets_modseqs": SASL_USER,
-    "qr60_select_while_selected_sends_closed[proxy-courier]":
-        "[CLOSED] is not injected (QR-60, issue 6; Dovecot sends its own)",
-    "qr42_cs66_no_expunge_during_store_unchangedsince_after_others_expunge[proxy-dovecot]":
-        EXPUNGE_IN_ANSWER,
-    "qr42_cs66_no_expunge_during_fetch_changedsince_after_others_expunge[proxy-dovecot]":
-        EXPUNGE_IN_ANSWER,
-    "qr42_cs66_no_expunge_during_search_modseq_after_others_expunge[proxy-dovecot]":
-        EXPUNGE_IN_ANSWER,
-    "qr42_cs66_no_expunge_during_store_unchangedsince_after_others_expunge[proxy-courier]":
-        EXPUNGE_IN_ANSWER,
-    "qr42_cs66_no_expunge_during_fetch_changedsince_after_others_expunge[proxy-courier]":
-        EXPUNGE_IN_ANSWER,
-    "qr42_cs66_no_expunge_during_search_modseq_after_others_expunge[proxy-courier]":
-        EXPUNGE_IN_ANSWER,
 }
 
 
