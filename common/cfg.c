@@ -44,6 +44,7 @@ enum cfg_type {
 
 #define CFG_F_REQUIRED 1u /* cfg_validate() rejects it unset */
 #define CFG_F_NOFILE   2u /* command line and environment only */
+#define CFG_F_SECRET   4u /* cfg_print() shows <redacted> */
 
 /* One option, described once. `def` is parsed by the same code as every
  * other source; min/max bound the numeric types (checked when set and by
@@ -132,6 +133,18 @@ static const struct cfg_opt cfg_opts[] = {
      "client certificate (PEM chain) presented to the upstream, optional"},
     {"upstream-key", CFG_T_STR, CFG_FIELD(upstream_key), 0, NULL, 0, 0, 0, "FILE",
      "private key of upstream-cert"},
+    {"side-idle-timeout", CFG_T_DUR, CFG_FIELD(side_idle_timeout), 0, "60", 1, DAY, 0, "DUR",
+     "STATUS HIGHESTMODSEQ's side connection (one per user and process) closes after this long "
+     "without requests"},
+    {"master-user", CFG_T_STR, CFG_FIELD(master_user), 0, NULL, 0, 0, 0, "NAME",
+     "side connections log in as <user><master-user-separator><NAME> with master-password "
+     "(Dovecot master users) instead of the session's own credentials"},
+    {"master-password", CFG_T_STR, CFG_FIELD(master_password), 0, NULL, 0, 0, CFG_F_SECRET, "PW",
+     "master-user's password (prefer master-password-file)"},
+    {"master-password-file", CFG_T_STR, CFG_FIELD(master_password_file), 0, NULL, 0, 0, 0, "FILE",
+     "file whose first line is master-user's password"},
+    {"master-user-separator", CFG_T_STR, CFG_FIELD(master_user_separator), 0, "*", 0, 0, 0, "STR",
+     "between the user and master-user in the side connection's LOGIN (Dovecot: *)"},
     /* Reserved for later, keep these names: poll-interval DUR,
      * snapshot-freshness DUR. */
 };
@@ -678,6 +691,10 @@ void cfg_fini(struct cfg *c)
     free(c->upstream_ca);
     free(c->upstream_cert);
     free(c->upstream_key);
+    free(c->master_user);
+    free(c->master_password);
+    free(c->master_password_file);
+    free(c->master_user_separator);
     free(c->upstream_name);
     free(c->redis);
     free(c->config);
@@ -1081,6 +1098,11 @@ int cfg_validate(const struct cfg *c, char *err, size_t errlen)
                         c->low_water, c->high_water);
     if (c->condstore && c->redis == NULL)
         return cfg_fail(err, errlen, "condstore needs redis (the state store)");
+    if (c->master_user != NULL && (c->master_password == NULL) == (c->master_password_file == NULL))
+        return cfg_fail(err, errlen,
+                        "master-user needs master-password or master-password-file (one of them)");
+    if (c->master_user_separator == NULL)
+        return cfg_fail(err, errlen, "master-user-separator must not be empty");
     return cfg_validate_tls(c, err, errlen);
 }
 
@@ -1192,6 +1214,8 @@ void cfg_print(const struct cfg *c, FILE *f)
             continue;
         }
         fmt_value(c, o, val, sizeof(val));
+        if (val[0] != '\0' && (o->flags & CFG_F_SECRET))
+            snprintf(val, sizeof(val), "<redacted>");
         if (val[0] != '\0')
             fprintf(f, "%s = %s\n", o->name, val);
         else

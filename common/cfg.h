@@ -68,6 +68,14 @@
  *   upstream-ca FILE      /etc/ssl/certs/ca-certificates.crt (file or dir)
  *   upstream-verify BOOL  yes           no: cfg_warn() warns
  *   upstream-cert FILE, upstream-key FILE   optional, both or neither
+ *   side-idle-timeout DUR 60            [1, 1d] STATUS HIGHESTMODSEQ's side
+ *                                       connection closes after this idle
+ *   master-user NAME      unset         side connections log in as
+ *                                       <user><separator><NAME>
+ *   master-password PW    secret (cfg_print redacts it), or
+ *   master-password-file FILE           its first line; one of them with
+ *                                       master-user
+ *   master-user-separator STR  "*"      Dovecot's convention
  *
  * Value syntax: SIZE is a number with an optional binary suffix k, m, g
  * (any case: 16k = 16384); DUR is seconds with an optional suffix s, m, h,
@@ -147,6 +155,13 @@ struct cfg {
     bool upstream_verify;
     char *upstream_cert; /* NULL: none */
     char *upstream_key;
+
+    /* STATUS HIGHESTMODSEQ's side connection (proxy/side.h). */
+    uint64_t side_idle_timeout;  /* seconds */
+    char *master_user;           /* NULL: log in with the session's credentials */
+    char *master_password;       /* secret: redacted by cfg_print() */
+    char *master_password_file;  /* read at each side connection */
+    char *master_user_separator; /* "*": Dovecot's "user*master" */
 
     /* Special flags, reported to the caller. */
     bool want_help;

@@ -18,6 +18,7 @@
 #include "common/seqset.h"
 #include "proxy/cap.h"
 #include "proxy/sess_tls.h"
+#include "proxy/side.h"
 #include "proxy/sync.h"
 
 /* --------------------------------------------------------- pending FIFO */
@@ -194,7 +195,15 @@ static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
     }
 }
 
+static void cmd_sasl_plain(struct sess *s, const char *p, size_t len);
+
 void cmd_sasl_line(struct sess *s, const char *p, size_t len)
+{
+    if (s->is_sasl_plain && s->last_kind == CMD_AUTHENTICATE)
+        cmd_sasl_plain(s, p, len);
+}
+
+static void cmd_sasl_plain(struct sess *s, const char *p, size_t len)
 {
     /* RFC 4616: [authzid] NUL authcid NUL passwd. The identity is the
      * authorisation identity when given, else the authentication one; it
@@ -203,8 +212,6 @@ void cmd_sasl_line(struct sess *s, const char *p, size_t len)
     unsigned char out[1024];
     size_t olen = 0;
 
-    if (!s->is_sasl_plain || s->last_kind != CMD_AUTHENTICATE)
-        return;
     while (len > 0 && (p[len - 1] == '\n' || p[len - 1] == '\r'))
         len--;
     if (len == 0 || len > 4 * sizeof(out) / 3 ||
@@ -216,6 +223,13 @@ void cmd_sasl_line(struct sess *s, const char *p, size_t len)
         size_t authz = (size_t)(z1 - out), authc = (size_t)(z2 - (z1 + 1));
         free(s->user_cand);
         s->user_cand = authz > 0 ? xmemdup(out, authz) : xmemdup(z1 + 1, authc);
+        /* STATUS HIGHESTMODSEQ's side connection logs in as the same user
+         * (proxy/side.h): only without a distinct authorisation identity. */
+        side_cred_drop(&s->pass_cand, &s->pass_cand_len);
+        if (authz == 0 || (authz == authc && memcmp(out, z1 + 1, authz) == 0)) {
+            s->pass_cand_len = olen - (size_t)(z2 + 1 - out);
+            s->pass_cand = xmemdup(z2 + 1, s->pass_cand_len);
+        }
     }
     mbedtls_platform_zeroize(out, sizeof(out));
 }
@@ -264,6 +278,8 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
             free(s->user_cand);
             s->user_cand = xmemdup(ev->data, ev->len);
         }
+        if (strcmp(s->name, "LOGIN") == 0 || strcmp(s->name, "AUTHENTICATE") == 0)
+            side_cred_drop(&s->pass_cand, &s->pass_cand_len); /* proxy/side.h */
         if (strcmp(s->name, "AUTHENTICATE") == 0 && ev->kind == TOK_ATOM) {
             s->is_plain_mech = cap_is_plaintext_mech(ev->data, ev->len);
             s->is_sasl_plain = ev->len == 5 && strncasecmp(ev->data, "PLAIN", 5) == 0;
@@ -274,7 +290,15 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
     case 3:
         /* SASL-IR (RFC 4959): the initial response is on the line. */
         if (strcmp(s->name, "AUTHENTICATE") == 0 && s->is_sasl_plain && ev->kind == TOK_ATOM)
-            cmd_sasl_line(s, ev->data, ev->len);
+            cmd_sasl_plain(s, ev->data, ev->len); /* last_kind is not set yet */
+        /* LOGIN's password, for STATUS HIGHESTMODSEQ's side connection
+         * (proxy/side.h): memory only, kept after the upstream's OK. */
+        if (strcmp(s->name, "LOGIN") == 0 && !s->is_logged_in &&
+            (ev->kind == TOK_ATOM || ev->kind == TOK_QUOTED || ev->kind == TOK_NUMBER)) {
+            side_cred_drop(&s->pass_cand, &s->pass_cand_len);
+            s->pass_cand = xmemdup(ev->data, ev->len);
+            s->pass_cand_len = ev->len;
+        }
         break;
     default:
         break;
@@ -911,6 +935,94 @@ static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_
         sync_select_qresync(s, &q); /* takes q's strings */
 }
 
+/* STATUS mbox (items) with HIGHESTMODSEQ in a session offered CONDSTORE
+ * (CS-70, CS-71; proxy/side.h): the item leaves the list; the rest goes
+ * upstream once the side connection has the value, or the proxy answers
+ * alone when it was the only item. An enabling command (CS-20). A mailbox
+ * name sent as a literal is refused (NO): the side connection sends
+ * quoted strings only. Returns false for a line it cannot parse: that
+ * stays the upstream's business. */
+static bool cmd_status(struct sess *s, const char *b, size_t len, bool ended_in_literal)
+{
+    struct ltok tk[LTOK_MAX];
+
+    if (!s->is_logged_in)
+        return false;
+    if (ended_in_literal || s->user == NULL) {
+        /* A literal hides the item list from this first segment: passed on,
+         * a HIGHESTMODSEQ after it would reach the upstream's hidden
+         * CONDSTORE (X13), so every STATUS with one is refused here. */
+        cmd_refuse(s,
+                   ended_in_literal ? "NO [CANNOT] STATUS needs the mailbox name as an atom or "
+                                      "a quoted string here"
+                                    : "NO [UNAVAILABLE] HIGHESTMODSEQ is not available here",
+                   ended_in_literal);
+        return true;
+    }
+    int n = cmd_line_tokens(s, b, len, tk);
+    if (n < 5 || tk[3].kind != TOK_LIST_OPEN || tk[n - 1].kind != TOK_LIST_CLOSE ||
+        (tk[2].kind != TOK_ATOM && tk[2].kind != TOK_QUOTED && tk[2].kind != TOK_NUMBER))
+        return false;
+    struct buf items = {0};
+    bool has_hms = false;
+    for (int i = 4; i < n - 1; i++) {
+        if (tk[i].kind != TOK_ATOM || tk[i].depth != 1) {
+            buf_fini(&items);
+            return false;
+        }
+        if (ltok_is(b, &tk[i], "HIGHESTMODSEQ")) {
+            has_hms = true;
+            continue;
+        }
+        if ((items.len > 0 && buf_append(&items, " ", 1, SIZE_MAX) < 0) ||
+            buf_append(&items, b + tk[i].from, tk[i].to - tk[i].from, SIZE_MAX) < 0) {
+            buf_fini(&items);
+            return false;
+        }
+    }
+    if (!has_hms) {
+        buf_fini(&items);
+        return false;
+    }
+    struct side_status *st = xcalloc(1, sizeof(*st));
+    const struct ltok *m = &tk[2];
+    st->tag = xmemdup(s->tag, s->tag_len);
+    st->tag_len = s->tag_len;
+    st->name = xmemdup(b + m->from, m->to - m->from);
+    st->name_len = m->to - m->from;
+    if (m->kind == TOK_QUOTED) {
+        /* Unescaped, as proxy/sync.c keys a selection (the tokenizer's data). */
+        st->mbox = xmalloc(st->name_len);
+        for (size_t i = m->from + 1; i + 1 < m->to; i++) {
+            if (b[i] == '\\' && i + 2 < m->to)
+                i++;
+            st->mbox[st->mbox_len++] = b[i];
+        }
+    } else {
+        st->mbox = xmemdup(st->name, st->name_len);
+        st->mbox_len = st->name_len;
+    }
+    if (items.len > 0) {
+        struct buf up = {0};
+        if (buf_append(&up, " STATUS ", 8, SIZE_MAX) == 0 &&
+            buf_append(&up, st->name, st->name_len, SIZE_MAX) == 0 &&
+            buf_append(&up, " (", 2, SIZE_MAX) == 0 &&
+            buf_append(&up, items.p, items.len, SIZE_MAX) == 0 &&
+            buf_append(&up, ")\r\n", 3, SIZE_MAX) == 0) {
+            st->up_line = up.p;
+            st->up_line_len = up.len;
+        } else {
+            buf_fini(&up);
+        }
+    }
+    buf_fini(&items);
+    s->is_condstore = true; /* CS-20 */
+    s->cur_started = true;
+    sess_hold(&s->cli, HOLD_STATUS); /* nothing overtakes it (FIFO order of answers) */
+    side_status_start(s, st);
+    return true;
+}
+
 /* What TLS decides of a command before it may go upstream (proxy/sess_tls.h):
  * the proxy's own STARTTLS, plaintext passwords refused before TLS, and
  * withheld capabilities, which are never negotiated upstream whatever the
@@ -1113,7 +1225,9 @@ static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, s
     if (s->offers_condstore && sync_can_upgrade(s) && !ended_in_literal &&
         (cmd_needs_tracking(s, b, len) ||
          (strcmp(s->name, "ENABLE") == 0 && (s->en_condstore || s->en_qresync) &&
-          !s->is_condstore))) {
+          !s->is_condstore) ||
+         (strcmp(s->name, "STATUS") == 0 && !s->is_condstore && s->is_logged_in &&
+          cmd_mentions(b, len, "HIGHESTMODSEQ")))) {
         /* CS-23, EN-06: snapshot now, announce HIGHESTMODSEQ, then run it. */
         sync_upgrade(s, b, len, strcmp(s->name, "ENABLE") == 0);
         s->cur_started = true;
@@ -1124,13 +1238,9 @@ static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, s
         return;
     }
     if (s->offers_condstore && strcmp(s->name, "STATUS") == 0 &&
-        cmd_mentions(b, len, "HIGHESTMODSEQ")) {
-        /* CS-70 is not built yet; passed on, it would switch on the hidden
-         * CONDSTORE of an upstream that has one and mix its counter in. */
-        cmd_refuse(s, "NO [UNAVAILABLE] STATUS HIGHESTMODSEQ is not available yet",
-                   ended_in_literal);
+        (ended_in_literal || cmd_mentions(b, len, "HIGHESTMODSEQ")) &&
+        cmd_status(s, b, len, ended_in_literal))
         return;
-    }
     if (s->offers_condstore && !sync_enriches(s) && cmd_needs_tracking(s, b, len)) {
         /* No tracked selection to upgrade (none, or one the proxy cannot
          * key, CS-32): refused rather than passed to an upstream whose

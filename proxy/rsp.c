@@ -11,6 +11,7 @@
 #include "proxy/cap.h"
 #include "proxy/cmd.h"
 #include "proxy/sess_tls.h"
+#include "proxy/side.h"
 #include "proxy/sync.h"
 #include "state/store.h"
 
@@ -164,6 +165,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         s->rl_enrich = s->rl_search = s->rl_drop = false;
         s->rl_uidnext = s->rl_expunge = s->rl_vanished = false;
         s->rl_stat = s->rl_stat_next = s->rl_renumbered = false;
+        s->rl_status_line = false; /* proxy/side.h */
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
         if (!s->saw_greeting)
@@ -208,6 +210,8 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
             s->rl_stat = true; /* the proxy's own: read, not relayed */
         } else if (word_is(ev->data, ev->len, "SEARCH") && sync_search_pending(s)) {
             s->rl_search = true; /* held to its end: gets (MODSEQ m), CS-61 */
+        } else if (word_is(ev->data, ev->len, "STATUS") && side_status_wants_line(s)) {
+            s->rl_status_line = true; /* held to its end: gets HIGHESTMODSEQ (CS-70) */
         } else if (word_is(ev->data, ev->len, "ENABLED") && rsp_enable_merge(s) != NULL) {
             s->rl_enabled = true; /* held to its end: CONDSTORE joins it (X1) */
         } else if (!is_status_word(ev->data, ev->len)) {
@@ -311,6 +315,7 @@ static void rsp_line_done(struct sess *s)
             free(s->user);
             s->user = s->user_cand; /* LOGIN's, or AUTHENTICATE PLAIN's */
             s->user_cand = NULL;
+            side_login_accepted(s); /* its password, for side connections */
             struct log_line l;
             log_begin(&l, LOG_INFO, "session.login");
             log_hex(&l, "sid", s->id);
@@ -332,6 +337,7 @@ static void rsp_line_done(struct sess *s)
         p->is_done = true;
         if (p->kind == CMD_SELECT || p->kind == CMD_INTERNAL || p->kind == CMD_OTHER)
             sync_completed(s, p, ok);
+        side_status_completed(s, p, ok);
         cmd_pending_retire(s);
     } else if (s->rl_kind == RL_TAGGED) {
         struct log_line l;
@@ -381,6 +387,8 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
         /* held for its MODSEQ (proxy/sync.c) */
     } else if (is_eol && s->rl_expunge && (s->rl_vanished = sync_vanish_line(s, s->rl_num))) {
         /* QR-40: sent as `* VANISHED uid` once recorded (proxy/sync.c) */
+    } else if (is_eol && s->rl_status_line && side_status_line(s, b, len)) {
+        /* STATUS HIGHESTMODSEQ (proxy/side.h) */
     } else if (is_eol && s->rl_search && sync_search_line(s, b, len)) {
         /* held for its MODSEQ */
     } else if (is_eol && s->rl_enabled) {

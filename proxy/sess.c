@@ -12,6 +12,7 @@
 #include "proxy/outq.h"
 #include "proxy/rsp.h"
 #include "proxy/sess_tls.h"
+#include "proxy/side.h"
 #include "proxy/sync.h"
 #include "proxy/sess_types.h"
 
@@ -137,6 +138,9 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
             sess_tls_discard(sd, n - pos, "after STARTTLS in the same read");
             return;
         }
+        if (!is_cli && !sd->is_held && seg == p + pos && tok_at_line_start(&sd->tok) &&
+            sync_up_waits(s, p + pos, n - pos))
+            sess_hold(sd, HOLD_QUEUE); /* FETCH lines wait for their MODSEQ */
         if (sd->is_held && seg == p + pos) {
             /* Keep the rest for sess_release(); it is processed before
              * anything read later. */
@@ -233,18 +237,22 @@ void sess_flush(struct sess *s)
     side_flush(&s->up);
 }
 
-void sess_hold(struct side *sd)
+void sess_hold(struct side *sd, unsigned holder)
 {
+    sd->hold_mask |= (uint8_t)holder;
     sd->is_held = true;
     side_update_reading(sd);
 }
 
-void sess_release(struct side *sd)
+void sess_release(struct side *sd, unsigned holder)
 {
     struct sess *s = sd->s;
 
     if (s->is_closing)
         return;
+    sd->hold_mask &= (uint8_t)~holder;
+    if (sd->hold_mask != 0)
+        return; /* another holder still waits */
     sd->is_held = false;
     struct buf_chunk *c = sd->held_chunk;
     sd->held_chunk = NULL;
@@ -471,6 +479,7 @@ static void on_handle_closed(uv_handle_t *h)
     buf_fini(&s->en_other);
     buf_fini(&s->fp_flags);
     sync_fini(s);
+    side_sess_fini(s);
     sess_tls_fini(s);
     free(s);
     ctx->n_alloc--;
@@ -782,6 +791,7 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server, enum sess_listen kin
 void sess_shutdown_all(struct sess_ctx *ctx)
 {
     ctx->is_shutting_down = true;
+    side_pool_shutdown();
     for (struct sess *s = ctx->all, *next; s != NULL; s = next) {
         next = s->next;
         if (s->is_draining)

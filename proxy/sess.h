@@ -127,14 +127,28 @@ void sess_logged_in(struct sess *s);
  * a read, e.g. the state store's). */
 void sess_flush(struct sess *s);
 
+/* Who holds a side: each holder its own bit, so one's release never ends
+ * another's hold (a deferred command holding the client while a FETCH
+ * line waits for its MODSEQ, say). A release by a holder that does not
+ * hold is nothing. */
+enum sess_holder {
+    HOLD_SELECT = 1u << 0,  /* a CONDSTORE selection or upgrade (proxy/sync.c) */
+    HOLD_OBSERVE = 1u << 1, /* a snapshot being stored */
+    HOLD_LINE = 1u << 2,    /* a line waiting for the store (MODSEQ, VANISHED) */
+    HOLD_DEFER = 1u << 3,   /* a deferred mod-sequence command */
+    HOLD_STATUS = 1u << 4,  /* STATUS (HIGHESTMODSEQ) (proxy/side.c) */
+    HOLD_QUEUE = 1u << 5,   /* FETCH lines in the enrichment queue */
+};
+
 /* Stop processing input from sd at the next segment boundary (a stage
  * waits for something, e.g. the state store, and nothing behind may
  * overtake it). What was read stays queued, in order. */
-void sess_hold(struct side *sd);
+void sess_hold(struct side *sd, unsigned holder);
 
-/* Process what sd held, then read on. Never call from inside the stage
- * callbacks of the same side (it feeds the held bytes synchronously). */
-void sess_release(struct side *sd);
+/* The holder lets go; once no holder is left, process what sd held, then
+ * read on. Never call from inside the stage callbacks of the same side
+ * (it feeds the held bytes synchronously). */
+void sess_release(struct side *sd, unsigned holder);
 
 /* ---- for proxy/sess_tls.c ---- */
 

@@ -20,6 +20,8 @@
 #include "proxy/outq.h"
 #include "proxy/sess.h"
 
+struct side_status; /* proxy/side.h */
+
 #define NAME_MAX_LEN 24   /* longest command name kept */
 #define PENDING_MAX  1024 /* stop reading the client beyond this many open commands */
 
@@ -91,7 +93,8 @@ struct side {
     size_t ev_used;               /* bytes the last event consumed */
     /* Held by a stage (e.g. waiting for the state store): input is not
      * processed; what was read but not yet processed waits here. */
-    bool is_held;
+    bool is_held;                 /* some holder holds it (hold_mask) */
+    uint8_t hold_mask;            /* enum sess_holder bits */
     struct buf_chunk *held_chunk; /* one reference */
     uint32_t held_off;
     uint32_t held_len;
@@ -205,6 +208,14 @@ struct sess {
     size_t up_tls_caps_len;
 
     char peer[64];
+
+    /* STATUS ... (HIGHESTMODSEQ) through the side connection (proxy/side.h) */
+    char *pass_cand; /* the login's password until the upstream's OK; wiped */
+    size_t pass_cand_len;
+    char *pass; /* the accepted login's: memory only, never logged; wiped */
+    size_t pass_len;
+    struct side_status *status; /* the one running, or NULL */
+    bool rl_status_line;        /* the upstream line is its `* STATUS` */
 };
 
 /* The side whose bytes sd's bytes are relayed to. */

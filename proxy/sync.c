@@ -1,6 +1,7 @@
 #include "proxy/sync.h"
 
 #include <stdio.h>
+#include <strings.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -40,9 +41,13 @@ struct sync {
     struct msgmap map;
     struct snap snap;
     struct buf tagged; /* the SELECT's tagged completion, held */
-    struct buf line;   /* a FETCH line waiting for its MODSEQ */
-    uint32_t line_uid;
-    bool line_has_uid;
+    /* FETCH lines waiting for their MODSEQ, oldest first: their store
+     * requests are pipelined (one round trip for many lines); they go out
+     * in order as the answers come (proxy/sess.c waits at a line boundary
+     * for anything else, sync_up_waits). */
+    struct eline *eq; /* ENRICH_MAX slots, allocated on first use */
+    unsigned eq_head, eq_n;
+    bool eq_barrier; /* the upstream waits for the queue to drain */
     struct store_mbox *mb;
     struct store_req *req;
     uint64_t highest;
@@ -101,6 +106,19 @@ struct sync {
 };
 
 #define CS_KEYS_MAX 8
+
+/* One FETCH line in the enrichment queue. */
+#define ENRICH_MAX 256
+struct eline {
+    struct sess *s;
+    struct buf line;
+    uint32_t uid;
+    bool has_uid; /* the line has its own UID item */
+    bool is_raw;  /* relayed as it is (UID unknown), only kept in order */
+    bool is_done;
+    uint64_t modseq;
+    struct store_req *req;
+};
 
 /* A FETCH (CHANGEDSINCE n) or SEARCH MODSEQ waiting for its snapshot
  * (CS-52, CS-60). */
@@ -190,7 +208,13 @@ void sync_fini(struct sess *s)
     msgmap_fini(&y->map);
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
-    buf_fini(&y->line);
+    if (y->eq != NULL) {
+        for (unsigned i = 0; i < ENRICH_MAX; i++) {
+            store_req_cancel(&y->eq[i].req);
+            buf_fini(&y->eq[i].line);
+        }
+        free(y->eq);
+    }
     buf_fini(&y->extra);
     cview_fini(&y->view);
     sync_qr_free(&y->qr);
@@ -244,7 +268,7 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
     /* Nothing the client sent after a CONDSTORE selection runs before it is
      * done; a plain one is only watched (CS-23). */
     if (!is_plain)
-        sess_hold(&s->cli);
+        sess_hold(&s->cli, HOLD_SELECT);
 }
 
 /* The command the upstream is answering now: the oldest one not done. */
@@ -345,8 +369,8 @@ static void sync_finish_select(struct sess *s, const char *code)
     y->select = NULL;
     y->internal = NULL;
     snap_reset(&y->snap);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    sess_release(&s->up, HOLD_OBSERVE);
+    sess_release(&s->cli, HOLD_SELECT);
 }
 
 static void sync_nomodseq(struct sess *s, const char *why)
@@ -383,7 +407,7 @@ static void on_observed(void *arg, int err, const struct store_result *res)
         /* DESIGN inv. 6: never a guessed modseq. */
         static const char bye[] = "* BYE [UNAVAILABLE] State store unreachable\r\n";
         sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
-        sess_release(&s->up);
+        sess_release(&s->up, HOLD_OBSERVE);
         sess_fail(s, err, "state store");
         return;
     }
@@ -464,7 +488,7 @@ static void sync_observe(struct sess *s, bool is_ok)
     if (!y->is_for_fetch)
         y->phase = SEL_OBSERVE; /* a refresh leaves the selection as it is */
     /* The upstream waits: nothing it says may overtake the tagged OK. */
-    sess_hold(&s->up);
+    sess_hold(&s->up, HOLD_OBSERVE);
     int rc = store_observe_snapshot(y->mb, obs, sn->n, on_observed, s, &y->req);
     free(obs);
     if (rc < 0)
@@ -631,14 +655,19 @@ static bool sync_was_sent(struct sync *y, uint32_t uid, uint64_t modseq)
     return hit != NULL && hit->modseq == modseq;
 }
 
-/* Send the held FETCH line with `UID u` (when it had none) and
+/* Send a queued FETCH line with `UID u` (when it had none) and
  * `MODSEQ (m)` before its closing parenthesis (CS-21, CS-22). */
-static void sync_emit_line(struct sess *s, uint64_t modseq)
+static void sync_emit_line(struct sess *s, const struct eline *e)
 {
     struct sync *y = s->sync;
-    const char *p = y->line.p;
-    size_t len = y->line.len, close = len;
+    const char *p = e->line.p;
+    size_t len = e->line.len, close = len;
+    uint64_t modseq = e->modseq;
 
+    if (e->is_raw) {
+        sess_send(&s->cli, NULL, p, len);
+        return;
+    }
     while (close > 0 && p[close - 1] != ')')
         close--;
     if (y->noop != NULL) {
@@ -646,27 +675,76 @@ static void sync_emit_line(struct sess *s, uint64_t modseq)
             y->cap_sent = y->cap_sent ? y->cap_sent * 2 : 64;
             y->sent = xreallocarray(y->sent, y->cap_sent, sizeof(*y->sent));
         }
-        y->sent[y->n_sent++] = (struct sent_line){y->line_uid, modseq};
+        y->sent[y->n_sent++] = (struct sent_line){e->uid, modseq};
         y->is_sent_sorted = false;
     }
-    if (y->is_filtering && (modseq <= y->filter_since || sync_was_sent(y, y->line_uid, modseq))) {
+    if (y->is_filtering && (modseq <= y->filter_since || sync_was_sent(y, e->uid, modseq))) {
         /* CS-52: only messages changed after the client's modseq, and not
          * again what the refresh just told the client. */
     } else if (close == 0) {
         sess_send(&s->cli, NULL, p, len); /* no list: as it came */
     } else {
         char add[64];
-        int n = y->line_has_uid
+        int n = e->has_uid
                     ? snprintf(add, sizeof(add), " MODSEQ (%llu)", (unsigned long long)modseq)
-                    : snprintf(add, sizeof(add), " UID %u MODSEQ (%llu)", y->line_uid,
+                    : snprintf(add, sizeof(add), " UID %u MODSEQ (%llu)", e->uid,
                                (unsigned long long)modseq);
         sess_send(&s->cli, NULL, p, close - 1);
         sess_send(&s->cli, NULL, add, (size_t)n);
         sess_send(&s->cli, NULL, p + close - 1, len - (close - 1));
     }
-    buf_clear(&y->line, 4096);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+}
+
+/* Send the queue's answered lines, oldest first; once it is empty, both
+ * sides go on. */
+static void sync_drain_queue(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    while (y->eq_n > 0 && y->eq[y->eq_head].is_done && !s->is_closing) {
+        struct eline *e = &y->eq[y->eq_head];
+        sync_emit_line(s, e);
+        buf_clear(&e->line, 1024);
+        e->is_done = false;
+        y->eq_head = (y->eq_head + 1) % ENRICH_MAX;
+        y->eq_n--;
+    }
+    if (y->eq_n > 0 || s->is_closing)
+        return;
+    if (y->eq_barrier) {
+        y->eq_barrier = false;
+        sess_release(&s->up, HOLD_QUEUE);
+    }
+    sess_release(&s->cli, HOLD_QUEUE);
+    sess_flush(s);
+}
+
+/* Whether p[0..len) holds "FLAGS (". */
+static bool has_flags(const char *p, size_t len)
+{
+    for (size_t i = 0; i + 7 <= len; i++) {
+        if (p[i] == 'F' && strncasecmp(p + i, "FLAGS (", 7) == 0)
+            return true;
+    }
+    return false;
+}
+
+bool sync_up_waits(struct sess *s, const char *p, size_t n)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->eq_n == 0)
+        return false;
+    /* Only a whole `* n FETCH (... FLAGS ...)` line without a literal may
+     * join the queue; anything else waits for it to drain. */
+    const char *eol = y->eq_n < ENRICH_MAX ? memchr(p, '\n', n) : NULL;
+    size_t len = eol != NULL ? (size_t)(eol - p) + 1 : 0;
+    size_t num = len > 0 ? sync_num_end(p, len) : 0;
+    bool ok = num > 0 && len >= num + 8 && strncasecmp(p + num, " FETCH (", 8) == 0 &&
+              !(len >= 3 && p[len - 3] == '}') && has_flags(p, len);
+    if (!ok)
+        y->eq_barrier = true;
+    return !ok;
 }
 
 static void sync_store_lost(struct sess *s, int err)
@@ -693,51 +771,74 @@ static bool sync_cb_ok(struct sess *s, int err)
 
 static void on_line_observed(void *arg, int err, const struct store_result *res)
 {
-    struct sess *s = arg;
+    struct eline *e = arg;
+    struct sess *s = e->s;
 
-    if (!sync_cb_ok(s, err))
+    e->req = NULL;
+    if (s->is_closing)
         return;
+    if (err < 0) {
+        sync_store_lost(s, err);
+        return;
+    }
     /* The line's own modseq: new when its flags changed, kept otherwise
      * (CS-12), in the same round trip. */
     if (res->uid_modseq == 0) {
         sync_store_lost(s, QR_ESTATE);
         return;
     }
-    sync_emit_line(s, res->uid_modseq);
+    e->modseq = res->uid_modseq;
+    e->is_done = true;
+    sync_drain_queue(s);
 }
 
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
                       const char *flags, size_t flags_len)
 {
     struct sync *y = s->sync;
+    bool has_uid = uid != 0;
 
-    y->line_has_uid = uid != 0;
     if (uid == 0)
         uid = msgmap_uid(&y->map, seq);
-    if (uid == 0)
+    if (uid == 0 && y->eq_n == 0)
         return false; /* UID not known yet: relayed as it is */
-    y->line_uid = uid;
+    if (y->eq == NULL) {
+        y->eq = xcalloc(ENRICH_MAX, sizeof(*y->eq));
+        for (unsigned i = 0; i < ENRICH_MAX; i++)
+            y->eq[i].s = s;
+    }
+    if (y->eq_n == ENRICH_MAX) {
+        sess_fail(s, QR_ESTATE, "enrichment queue"); /* sync_up_waits prevents it */
+        return true;
+    }
+    struct eline *e = &y->eq[(y->eq_head + y->eq_n) % ENRICH_MAX];
+    e->uid = uid;
+    e->has_uid = has_uid;
+    e->is_raw = uid == 0; /* kept in its place behind the queued lines */
+    e->is_done = e->is_raw;
     size_t skip = sync_num_end(b, len);
+    int rc = 0;
     if (skip > 0 && sync_has_held(s)) {
         /* CS-66: numbered as the client numbers it. */
         char head[24];
         int n = snprintf(head, sizeof(head), "* %u", sync_cli_number(s, seq, false));
-        if (buf_append(&y->line, head, (size_t)n, SIZE_MAX) < 0) {
-            sess_fail(s, QR_ENOMEM, "fetch line");
-            return true;
-        }
+        rc = buf_append(&e->line, head, (size_t)n, SIZE_MAX);
         b += skip;
         len -= skip;
     }
-    if (buf_append(&y->line, b, len, SIZE_MAX) < 0) {
+    if (rc == 0)
+        rc = buf_append(&e->line, b, len, SIZE_MAX);
+    if (rc < 0) {
         sess_fail(s, QR_ENOMEM, "fetch line");
         return true;
     }
+    if (y->eq_n++ == 0)
+        sess_hold(&s->cli, HOLD_QUEUE); /* nothing the client sends overtakes it */
+    if (e->is_raw)
+        return true;
     /* CS-51: every FLAGS list is an observation, and the MODSEQ sent with
-     * it is the one this observation gives. Nothing may overtake the line. */
-    sess_hold(&s->up);
-    sess_hold(&s->cli);
-    int rc = store_observe_one(y->mb, uid, flags, flags_len, on_line_observed, s, &y->req);
+     * it is the one this observation gives. */
+    rc = store_observe_one(y->mb, uid, flags, flags_len, on_line_observed, e, &e->req);
     if (rc < 0)
         sync_store_lost(s, rc);
     return true;
@@ -768,7 +869,7 @@ static void deferred_start(struct sess *s, struct cs_fetch *f)
     f->tag = xmemdup(s->tag, s->tag_len);
     f->tag_len = s->tag_len;
     s->sync->fetch = f;
-    sess_hold(&s->cli);
+    sess_hold(&s->cli, HOLD_DEFER);
     if (s->head == NULL)
         sync_begin(s);
     else
@@ -779,8 +880,8 @@ static void deferred_start(struct sess *s, struct cs_fetch *f)
 static void deferred_done(struct sess *s)
 {
     cs_fetch_free(s->sync);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    sess_release(&s->up, HOLD_OBSERVE);
+    sess_release(&s->cli, HOLD_DEFER);
 }
 
 /* Answer the deferred command here with text (its store lease, if any, is
@@ -1121,8 +1222,8 @@ static void on_search_modseqs(void *arg, int err, const uint64_t *modseqs, size_
         max = modseqs[i] > max ? modseqs[i] : max;
     sync_send_search(s, y->search_line.p, y->search_line.len, !y->search_is_uid, max);
     buf_clear(&y->search_line, 4096);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    sess_release(&s->up, HOLD_LINE);
+    sess_release(&s->cli, HOLD_LINE);
 }
 
 /* Where the numbers of `* SEARCH n...` in b[0..len) start. */
@@ -1221,8 +1322,8 @@ bool sync_search_line(struct sess *s, const char *b, size_t len)
         return true;
     }
     y->search_uids = uids;
-    sess_hold(&s->up);
-    sess_hold(&s->cli);
+    sess_hold(&s->up, HOLD_LINE);
+    sess_hold(&s->cli, HOLD_LINE);
     int rc = store_modseqs(y->mb, uids, n, on_search_modseqs, s, &y->req);
     if (rc < 0)
         sync_store_lost(s, rc);
@@ -1575,7 +1676,7 @@ void sync_upgrade(struct sess *s, const char *line, size_t len, bool is_enable)
     y->upgrade_ntok = s->cli.ntok;
     y->upgrade_tag_end = s->cli.tag_end;
     y->is_upgrade_enable = is_enable;
-    sess_hold(&s->cli);
+    sess_hold(&s->cli, HOLD_SELECT);
     if (s->head == NULL)
         sync_upgrade_start(s);
     else
@@ -1621,12 +1722,10 @@ static void sync_upgrade_done(struct sess *s, uint64_t highest)
     }
     cmd_replay(s, line, len, y->upgrade_ntok, y->upgrade_tag_end);
     free(line);
-    sess_release(&s->up);
-    /* The replayed command may wait for its own refresh, holding the client. */
-    if (y->fetch == NULL)
-        sess_release(&s->cli);
-    else
-        sess_flush(s);
+    sess_release(&s->up, HOLD_OBSERVE);
+    /* The replayed command may wait for its own refresh: it holds the
+     * client itself (HOLD_DEFER). */
+    sess_release(&s->cli, HOLD_SELECT);
 }
 
 /* ------------------------------------------------ QRESYNC (RFC 7162 §3.2) */
@@ -1907,8 +2006,8 @@ static void on_vanish_observed(void *arg, int err, const struct store_result *re
         return;
     y->highest = res->highest;
     sync_expunged_one(s, y->vanish_uid, y->vanish_seq, y->is_vanish_told, res->highest);
-    sess_release(&s->up);
-    sess_release(&s->cli);
+    sess_release(&s->up, HOLD_LINE);
+    sess_release(&s->cli, HOLD_LINE);
 }
 
 bool sync_vanish_line(struct sess *s, uint32_t seq)
@@ -1942,8 +2041,8 @@ bool sync_vanish_line(struct sess *s, uint32_t seq)
     y->vanish_uid = uid;
     y->vanish_seq = seq;
     y->is_vanish_told = tell;
-    sess_hold(&s->up);
-    sess_hold(&s->cli);
+    sess_hold(&s->up, HOLD_LINE);
+    sess_hold(&s->cli, HOLD_LINE);
     int rc = store_observe(y->mb, &ob, 1, on_vanish_observed, s, &y->req);
     if (rc < 0)
         sync_store_lost(s, rc);

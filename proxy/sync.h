@@ -90,10 +90,18 @@ bool sync_enriches(const struct sess *s);
 void sync_fetch_uid(struct sess *s, uint32_t seq, uint32_t uid);
 void sync_expunge(struct sess *s, uint32_t seq);
 
+/* The upstream's next line starts at p[0..n) while FETCH lines wait in the
+ * enrichment queue: true when it must wait for them (anything but a whole
+ * FETCH line with FLAGS and no literal); the session then holds the
+ * upstream (HOLD_QUEUE) until the queue drains. */
+bool sync_up_waits(struct sess *s, const char *p, size_t n);
+
 /* The last segment b[0..len) of `* seq FETCH (...)` whose FLAGS are
- * flags[0..flags_len) and whose own UID item is uid (0: none): observed in the store, then sent
- * with UID and MODSEQ; both sides wait meanwhile. Returns false (nothing done, relay the line) when
- * the UID is not known. Copies b. */
+ * flags[0..flags_len) and whose own UID item is uid (0: none): queued,
+ * observed in the store (requests pipelined), then sent with UID and
+ * MODSEQ in order; the client waits while the queue is not empty. Returns
+ * false (nothing done, relay the line) when the UID is not known and the
+ * queue is empty. Copies b. */
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
                       const char *flags, size_t flags_len);
 

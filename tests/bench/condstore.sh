@@ -30,44 +30,20 @@
 #   BENCH_QRESYNCD_ARGS       extra qresyncd arguments
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-ROOT=$(pwd)
 
 MSGS=${BENCH_CS_MSGS:-100000}
 RUNS=${BENCH_CS_RUNS:-3}
 PCT=${BENCH_CS_CHANGE_PCT:-1}
-QRESYNCD=${BENCH_QRESYNCD:-./qresyncd}
-read -r -a QRESYNCD_ARGS <<<"${BENCH_QRESYNCD_ARGS:-}"
-OUT=$ROOT/build/bench
-mkdir -p "$OUT"
-rm -f "$OUT/condstore.md" "$OUT"/condstore.*.log
+NAME=condstore
+# shellcheck source=tests/bench/resync_lib.sh
+source tests/bench/resync_lib.sh
 
-say() { printf 'bench: %s\n' "$*"; }
-fail() {
-    printf 'bench: FAILED: %s\n' "$*" >&2
-    exit 1
-}
-[ -x "$QRESYNCD" ] || fail "$QRESYNCD not built (make VARIANT=release all)"
-
-# A temp dir of our own even when called from tests/bench/run.sh (which
-# exports its QR_TMP): removed by our trap, not left for the caller's.
-unset QR_TMP QR_SEED_MAILDIR
-# shellcheck source=tests/integration/servers.sh
-source tests/integration/servers.sh
-
-PROXY_PID=
-stop_proxy() {
-    [ -n "$PROXY_PID" ] || return 0
-    kill "$PROXY_PID" 2>/dev/null || true
-    wait "$PROXY_PID" 2>/dev/null || true
-    PROXY_PID=
-}
 keep_logs() {
-    [ -n "${LEGACY_DIR:-}" ] && cp "$LEGACY_DIR/dovecot.log" "$OUT/condstore.dovecot-legacy.log" 2>/dev/null
-    [ -n "${NATIVE_DIR:-}" ] && cp "$NATIVE_DIR/dovecot.log" "$OUT/condstore.dovecot-native.log" 2>/dev/null
-    [ -n "${REDIS_DIR:-}" ] && cp "$REDIS_DIR/redis.log" "$OUT/condstore.redis.log" 2>/dev/null
-    return 0
+    rs_keep_log "${LEGACY_DIR:-}/dovecot.log" dovecot-legacy
+    rs_keep_log "${NATIVE_DIR:-}/dovecot.log" dovecot-native
+    rs_keep_log "${REDIS_DIR:-}/redis.log" redis
 }
-QR_CLEANUP_HOOKS="stop_proxy keep_logs $QR_CLEANUP_HOOKS"
+QR_CLEANUP_HOOKS="keep_logs $QR_CLEANUP_HOOKS"
 
 # A first SELECT and flag fetch, directly: Dovecot builds its index for the
 # new Maildir. Prints the seconds each took.
@@ -105,20 +81,12 @@ print("%.2f %.2f %d" % (ts, tf, n))
 EOF
 }
 
-T0=$(date +%s)
-say "condstore: generating $MSGS messages (~300 B each) ..."
-python3 tests/bench/condstore_gen.py "$QR_TMP/seed/Maildir" "$MSGS" 300 >"$QR_TMP/gen.out"
-export QR_SEED_MAILDIR=$QR_TMP/seed/Maildir
-say "condstore: $(cat "$QR_TMP/gen.out") ($(($(date +%s) - T0)) s)"
+rs_generate "$MSGS"
 
 start_redis
 start_dovecot # legacy: servers.sh's capability list, without CONDSTORE
 LEGACY_PORT=$DOVECOT_PORT LEGACY_DIR=$DOVECOT_DIR LEGACY_PID=$DOVECOT_PID
-# Dovecot 2.3.19's built-in capability list (the string in
-# /usr/lib/dovecot/imap), CONDSTORE QRESYNC ENABLE included, plus the
-# LITERAL+ SPECIAL-USE that the legacy list has too.
-QR_DOVECOT_CAPS="IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ SPECIAL-USE" \
-    start_dovecot
+QR_DOVECOT_CAPS=$BENCH_DOVECOT_NATIVE_CAPS start_dovecot
 NATIVE_PORT=$DOVECOT_PORT NATIVE_DIR=$DOVECOT_DIR NATIVE_PID=$DOVECOT_PID
 rm -rf "$QR_TMP/seed"
 DOVECOT_VERSION=$(dovecot --version | cut -d' ' -f1)
@@ -131,16 +99,7 @@ if [ "$ln" != "$MSGS" ] || [ "$nn" != "$MSGS" ]; then
 fi
 say "condstore: dovecot first SELECT (index build): legacy $ls s, native $ns s; first UID FETCH 1:* (FLAGS): legacy $lf s, native $nf s"
 
-PROXY_LOG=$OUT/condstore.qresyncd.log
-PROXY_PORT=$(qr_free_port)
-"$QRESYNCD" --listen "127.0.0.1:$PROXY_PORT" --upstream "127.0.0.1:$LEGACY_PORT" \
-    --redis "redis://127.0.0.1:$REDIS_PORT" --condstore --log-level warn \
-    "${QRESYNCD_ARGS[@]}" >"$PROXY_LOG" 2>&1 </dev/null &
-PROXY_PID=$!
-if ! qr_wait_ready "$PROXY_PORT" "$PROXY_PID" "* OK"; then
-    tail -20 "$PROXY_LOG" >&2
-    fail "qresyncd did not start (log $PROXY_LOG)"
-fi
+rs_start_qresyncd "$LEGACY_PORT"
 say "condstore: qresyncd on 127.0.0.1:$PROXY_PORT (pid $PROXY_PID) $QRESYNCD --condstore ${QRESYNCD_ARGS[*]}"
 
 rc=0
@@ -150,15 +109,6 @@ CS_LEGACY_PORT=$LEGACY_PORT CS_NATIVE_PORT=$NATIVE_PORT CS_PROXY_PORT=$PROXY_POR
     CS_REDIS_VERSION=$(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p') \
     CS_DOVECOT_INDEX="legacy $ls s | | native $ns s | " \
     python3 tests/bench/condstore.py || rc=$?
-if ! kill -0 "$PROXY_PID" 2>/dev/null; then
-    wait "$PROXY_PID" && prc=0 || prc=$?
-    PROXY_PID=
-    tail -20 "$PROXY_LOG" >&2
-    fail "qresyncd exited (status $prc); log $PROXY_LOG"
-fi
-if [ -s "$PROXY_LOG" ]; then
-    say "condstore: qresyncd logged (warn and above), last lines of $PROXY_LOG:"
-    tail -5 "$PROXY_LOG" | sed 's/^/bench:   /'
-fi
+rs_check_qresyncd
 say "condstore: total $(($(date +%s) - T0)) s"
 [ "$rc" = 0 ] || fail "condstore: wrong results or a broken session (tests/bench/condstore.py exit $rc)"

@@ -1,16 +1,16 @@
 #!/usr/bin/env python3
-"""Deterministic small-message Maildir for the CONDSTORE bench (stdlib only).
+"""Deterministic small Maildir for the CONDSTORE/QRESYNC benches (stdlib only).
 
     condstore_gen.py MAILDIR [COUNT [AVG_BYTES]]
 
 Writes COUNT (default 100000) messages of about AVG_BYTES (default 300)
 bytes each into MAILDIR/cur (MAILDIR is created, with new/ and tmp/), and a
-dovecot-uidlist that gives message i the UID i (1..COUNT) under UIDVALIDITY
-1600000000, so Dovecot need not number 100 000 files itself and every run
-sees the same UIDs. Starting flags, by UID: \\Seen on 9 messages of 10,
-\\Answered on 1 of 7, \\Flagged on none (the bench flags messages to make
-its changes). Names and mtimes are fixed: the same arguments always give the
-same files.
+dovecot-uidlist (Dovecot) and a courierimapuiddb (Courier) that give message
+i the UID i (1..COUNT) under UIDVALIDITY 1600000000, so neither server
+numbers 100 000 files itself and every run sees the same UIDs. Starting
+flags, by UID: \\Seen on 9 messages of 10, \\Answered on 1 of 7,
+\\Flagged on none (the benches flag messages to make their changes). Names and
+mtimes are fixed: the same arguments always give the same files.
 
 Prints one line: `msgs=COUNT bytes=TOTAL seen=N answered=N`.
 """
@@ -47,6 +47,7 @@ def main():
     filler = (b"The quick brown fox jumps over the lazy dog; pack my box with "
               b"five dozen liquor jugs. ") * 8
     uidlist = ["3 V%d N%d G%s\n" % (UIDVALIDITY, count + 1, GUID)]
+    uiddb = ["1 %d %d\n" % (UIDVALIDITY, count + 1)]
     total = seen = answered = 0
     for uid in range(1, count + 1):
         when = BASE_TIME + 10 * uid
@@ -74,9 +75,12 @@ def main():
             f.write(data)
         os.utime(path, (when, when))
         uidlist.append("%d :%s\n" % (uid, base))
+        uiddb.append("%d %s\n" % (uid, base))
         total += vsize
     with open(os.path.join(maildir, "dovecot-uidlist"), "w") as f:
         f.writelines(uidlist)
+    with open(os.path.join(maildir, "courierimapuiddb"), "w") as f:
+        f.writelines(uiddb)
     print("msgs=%d bytes=%d seen=%d answered=%d" % (count, total, seen, answered))
 
 

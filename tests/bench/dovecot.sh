@@ -12,6 +12,15 @@
 # list, passwd-file auth, Maildir, mail processes as `mail`. Login processes
 # run in high-performance mode (service_count = 0), one imap process per
 # session as usual.
+
+# Dovecot 2.3.19's built-in capability list (the string in
+# /usr/lib/dovecot/imap), CONDSTORE QRESYNC ENABLE included, plus the
+# LITERAL+ SPECIAL-USE that the legacy list has too: QR_DOVECOT_CAPS for a
+# Dovecot that serves CONDSTORE/QRESYNC itself (the resync benches' "native"
+# peer, and the imapc one of tests/bench/qresync.sh).
+# shellcheck disable=SC2034 # used by the scripts that source this file
+BENCH_DOVECOT_NATIVE_CAPS="IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE SORT SORT=DISPLAY THREAD=REFERENCES THREAD=REFS THREAD=ORDEREDSUBJECT MULTIAPPEND URL-PARTIAL CATENATE UNSELECT CHILDREN NAMESPACE UIDPLUS LIST-EXTENDED I18NLEVEL=1 CONDSTORE QRESYNC ESEARCH ESORT SEARCHRES WITHIN CONTEXT=SEARCH LIST-STATUS BINARY MOVE SNIPPET=FUZZY PREVIEW=FUZZY PREVIEW STATUS=SIZE SAVEDATE LITERAL+ SPECIAL-USE"
+
 bench_start_dovecot() {
     local IDLE_N=${IDLE_N:-1000}
     DOVECOT_DIR=$(mktemp -d "$QR_TMP/dovecot.XXXXXX")

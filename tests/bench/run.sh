@@ -530,3 +530,14 @@ fi
 if [ "${BENCH_CONDSTORE:-1}" = 1 ]; then
     tests/bench/condstore.sh || fail "condstore bench (tests/bench/condstore.sh)"
 fi
+
+# -------------------------------------------------------------- qresync ----
+# Issue 6: QRESYNC resync of a 100 000-message mailbox on Courier (1% of the
+# flags changed, 0.1% expunged out of band), through qresyncd against the
+# legacy full resync, Dovecot's imapc backend in front of the same Courier
+# and Dovecot's native QRESYNC. Its own servers, "bench: qresync ..." lines
+# and build/bench/qresync.md; see tests/bench/qresync.sh. BENCH_QRESYNC=0
+# leaves it out.
+if [ "${BENCH_QRESYNC:-1}" = 1 ]; then
+    tests/bench/qresync.sh || fail "qresync bench (tests/bench/qresync.sh)"
+fi

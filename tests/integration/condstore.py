@@ -31,8 +31,9 @@ def proxy(up="dovecot", *args):
     # Both upstreams serve the same user and mailboxes with the same
     # UIDVALIDITY: each gets its own Redis database.
     db = {"dovecot": 0, "courier": 1}[up]
-    return pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
-                    upstream=UPSTREAMS[up])
+    return pb.offering(pb.Proxy("--condstore", "--redis",
+                                "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
+                                upstream=UPSTREAMS[up]))
 
 
 def highest(lines):

@@ -89,6 +89,20 @@ class Proxy:
                 raise AssertionError("sanitizer report in the qresyncd log:\n" + log[-3000:])
 
 
+def offering(p):
+    """Wait until p offers CONDSTORE: a session is offered it only when
+    its Redis connection is up at the greeting (CS-01, inv. 6), which
+    takes a moment after start on a loaded host. Returns p."""
+    deadline = time.time() + 10
+    while True:
+        c = Client(p.port)
+        caps = b" ".join(c.cmd("cap", "CAPABILITY")).upper()
+        c.s.close()
+        if b"CONDSTORE" in caps.split() or time.time() > deadline:
+            return p
+        time.sleep(0.05)
+
+
 class Client:
     def __init__(self, port, host="127.0.0.1", greeting=True):
         self.s = socket.create_connection((host, port), timeout=15)

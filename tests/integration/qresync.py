@@ -21,16 +21,18 @@ import proxy_behaviour as pb
 REDIS_PORT = int(os.environ["REDIS_PORT"])
 COURIER_PORT = int(os.environ["COURIER_PORT"])
 UPSTREAMS = {"dovecot": pb.UP_PORT, "courier": COURIER_PORT}
+DB = {"dovecot": 5, "courier": 6}
 _seq = itertools.count(1)
 
 
 def proxy(up="dovecot", *args, db=None):
-    # Each upstream gets its own Redis database (the CONDSTORE suite uses 0
-    # and 1); a test may ask for another.
+    # Each upstream gets its own Redis database (condstore.py uses 0 and 1,
+    # status.py 2 and 3); a test may ask for another.
     if db is None:
-        db = {"dovecot": 2, "courier": 3}[up]
-    return pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
-                    upstream=UPSTREAMS[up])
+        db = DB[up]
+    return pb.offering(pb.Proxy("--condstore", "--redis",
+                                "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
+                                upstream=UPSTREAMS[up]))
 
 
 def redis(db, *args):
@@ -364,7 +366,7 @@ def qr35_known_uids_restrict_the_answer(up):
 def inv4_qr22_qr38_redis_flushed_between_sessions_client_still_ends_exact(up):
     mbox = new_mailbox(up, 10)
     p = proxy(up)
-    db = {"dovecot": 2, "courier": 3}[up]
+    db = DB[up]
     try:
         c = session(p)
         ok(c.cmd("e", "ENABLE QRESYNC"), "e")
@@ -390,7 +392,7 @@ def inv4_qr22_qr38_redis_flushed_between_sessions_client_still_ends_exact(up):
 def qr37_sequence_match_data_narrows_computed_vanished(up):
     mbox = new_mailbox(up, 10)
     p = proxy(up)
-    db = {"dovecot": 2, "courier": 3}[up]
+    db = DB[up]
     try:
         c = session(p)
         ok(c.cmd("e", "ENABLE QRESYNC"), "e")

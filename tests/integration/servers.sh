@@ -26,6 +26,9 @@
 # QR_DOVECOT_SSL_CERT and QR_DOVECOT_SSL_KEY (PEM files) set, it also speaks
 # TLS: STARTTLS on DOVECOT_PORT and implicit TLS on DOVECOT_TLS_PORT
 # (plaintext auth stays allowed, so the plain port works as before).
+# QR_DOVECOT_EXTRA_CONF, when set, is appended to the config; a setting given
+# there again overrides the one above (Dovecot keeps the last), e.g.
+# mail_location for another storage backend.
 #
 # Courier-IMAP is not installed (it conflicts with dovecot-imapd): it is
 # unpacked by deploy/fetch-courier.sh into $QR_COURIER_ROOT and run inside a
@@ -39,7 +42,9 @@ QR_COURIER_ROOT=${QR_COURIER_ROOT:-/opt/qresyncd-test/courier}
 QR_USER=${QR_USER:-tester}
 # Distinctive, so a test can grep logs for it without false hits.
 QR_PASS=${QR_PASS:-qr-Secret-7f3a9}
-export QR_USER QR_PASS
+QR_MASTER_USER=${QR_MASTER_USER:-qrmaster}
+QR_MASTER_PASS=${QR_MASTER_PASS:-qr-Master-2b8d1}
+export QR_USER QR_PASS QR_MASTER_USER QR_MASTER_PASS
 QR_MAIL_UID=$(id -u mail)
 QR_MAIL_GID=$(id -g mail)
 
@@ -172,6 +177,11 @@ ssl_key = <$QR_DOVECOT_SSL_KEY"
     printf '%s:{PLAIN}%s::::::\n' "$QR_USER" "$QR_PASS" >"$d/passwd"
     chgrp dovecot "$d/passwd" # read by the auth process (default_internal_user)
     chmod 640 "$d/passwd"
+    # A master user (LOGIN "tester*qrmaster" <its password>): STATUS
+    # HIGHESTMODSEQ's side connection in master-user mode (status.py).
+    printf '%s:{PLAIN}%s::::::\n' "$QR_MASTER_USER" "$QR_MASTER_PASS" >"$d/master-users"
+    chgrp dovecot "$d/master-users"
+    chmod 640 "$d/master-users"
     cat >"$d/dovecot.conf" <<EOF
 # qresyncd integration test: Dovecot as a legacy upstream (no CONDSTORE,
 # QRESYNC or ENABLE advertised).
@@ -193,6 +203,12 @@ first_valid_gid = $QR_MAIL_GID
 mail_max_userip_connections = 500
 # No internal stats/hibernation extras that could change what a client sees.
 imap_hibernate_timeout = 0
+auth_master_user_separator = *
+passdb {
+  driver = passwd-file
+  master = yes
+  args = scheme=PLAIN $d/master-users
+}
 passdb {
   driver = passwd-file
   args = scheme=PLAIN username_format=%u $d/passwd
@@ -228,6 +244,7 @@ service imap-login {
 service imap {
   process_limit = 500
 }
+${QR_DOVECOT_EXTRA_CONF:-}
 EOF
     dovecot -F -c "$d/dovecot.conf" >>"$d/dovecot.stderr" 2>&1 </dev/null &
     DOVECOT_PID=$!

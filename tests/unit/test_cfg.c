@@ -989,3 +989,37 @@ Test(cfg, tls_print_round_trip)
     cfg_fini(&a.c);
     cfg_fini(&b.c);
 }
+
+/* STATUS HIGHESTMODSEQ's side connection (proxy/side.h). */
+Test(cfg, side_connection_options)
+{
+    struct load ld;
+    char *out;
+
+    load_env(&ld, NULL, ARGS(MIN_ARGS));
+    expect_ok(&ld);
+    cr_assert_eq(ld.c.side_idle_timeout, 60);
+    cr_assert_null(ld.c.master_user);
+    cr_assert_str_eq(ld.c.master_user_separator, "*");
+    cfg_fini(&ld.c);
+
+    load_env(&ld, NULL,
+             ARGS(MIN_ARGS, "--side-idle-timeout", "2m", "--master-user", "qrmaster",
+                  "--master-password", "m4ster-Pw"));
+    expect_ok(&ld);
+    cr_assert_eq(ld.c.side_idle_timeout, 120);
+    out = print_cfg(&ld.c);
+    cr_assert_null(strstr(out, "m4ster-Pw"), "%s", out);
+    cr_assert_not_null(strstr(out, "master-password = <redacted>\n"), "%s", out);
+    free(out);
+    cfg_fini(&ld.c);
+
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--master-user", "qrmaster"));
+    expect_err(&ld, "master-user needs");
+    cfg_fini(&ld.c);
+    load_env(&ld, NULL,
+             ARGS(MIN_ARGS, "--master-user", "m", "--master-password", "a",
+                  "--master-password-file", "/nonexistent"));
+    expect_err(&ld, "one of them");
+    cfg_fini(&ld.c);
+}
