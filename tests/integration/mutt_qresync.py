@@ -29,8 +29,8 @@ counted (QR_STRICT=1 fails them). Without mutt installed every test prints
 SKIP with the reason (deploy/install-deps.sh installs it).
 
 A fourth target, qresyncd in front of a legacy Dovecot that does not
-offer SASL-IR (NOIR_PORT), makes mutt log in in a way the proxy reads
-while SASL-IR logins are a known bug (KNOWN).
+offer SASL-IR (NOIR_PORT), has mutt send AUTHENTICATE PLAIN's response on
+a continuation line instead of on the command line.
 
 Run by tests/integration/mutt_qresync.sh (NATIVE_PORT, NOIR_PORT,
 DOVECOT_PORT, COURIER_PORT, REDIS_PORT, QR_TMP, QR_USER, QR_PASS; QRESYNCD). Arguments
@@ -76,16 +76,7 @@ class Skip(Exception):
 # Known proxy bugs: test name -> why. Such a test still runs; its failure
 # prints XFAIL and is not counted, its success prints XPASS (remove the
 # entry then). QR_STRICT=1 counts them.
-KNOWN = {
-    # Debian's mutt logs in with AUTHENTICATE PLAIN and the initial
-    # response on the line (SASL-IR) where the server offers SASL-IR
-    # (Dovecot; Courier does not): the proxy does not learn the user from
-    # it, answers NOMODSEQ, and mutt falls back to a full flag fetch (its
-    # view is still right). See differential.py
-    # inv7_cs30_authenticate_plain_with_sasl_ir_gets_modseqs.
-    "qr35_mutt_second_open_used_qresync_and_its_header_cache[proxy-dovecot]":
-        "SASL-IR AUTHENTICATE PLAIN: user unknown to the proxy, NOMODSEQ",
-}
+KNOWN = {}
 
 
 def msgid(i):

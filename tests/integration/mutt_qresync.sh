@@ -17,8 +17,7 @@ start_redis
 QR_DOVECOT_CAPS="IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE UIDPLUS CONDSTORE QRESYNC LITERAL+ NAMESPACE UNSELECT CHILDREN MOVE SPECIAL-USE" start_dovecot
 NATIVE_PORT=$DOVECOT_PORT
 # A legacy Dovecot without SASL-IR too: mutt then sends AUTHENTICATE PLAIN's
-# response on a continuation line, which the proxy reads (with SASL-IR it
-# does not learn the user: a known bug, see mutt_qresync.py KNOWN).
+# response on a continuation line (with SASL-IR, on the command line).
 QR_DOVECOT_CAPS="IMAP4rev1 LOGIN-REFERRALS ID IDLE LITERAL+ NAMESPACE UNSELECT UIDPLUS MOVE SPECIAL-USE" start_dovecot
 NOIR_PORT=$DOVECOT_PORT
 start_dovecot
