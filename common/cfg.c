@@ -101,8 +101,21 @@ static const struct cfg_opt cfg_opts[] = {
     {"log-level", CFG_T_LEVEL, CFG_FIELD(log_level), 0, "info", 0, 0, 0, "LEVEL",
      "err, warn, info or debug"},
     {"condstore", CFG_T_BOOL, CFG_FIELD(condstore), 0, "no", 0, 0, 0, "BOOL",
-     "offer CONDSTORE (RFC 7162) to clients; needs redis. Work in progress: "
-     "ENABLE and SELECT/EXAMINE HIGHESTMODSEQ only, so off by default"},
+     "offer CONDSTORE and QRESYNC (RFC 7162) to clients; needs redis"},
+    {"poll-interval", CFG_T_DUR, CFG_FIELD(poll_interval), 0, "10", 0, HOUR, 0, "DUR",
+     "a CONDSTORE session with a mailbox selected asks the upstream for changes (NOOP; in "
+     "IDLE the proxy's own DONE, NOOP, IDLE) this often; 0: never"},
+    {"snapshot-freshness", CFG_T_DUR, CFG_FIELD(snapshot_freshness), 0, "0", 0, HOUR, 0, "DUR",
+     "a complete snapshot of a mailbox younger than this (taken by any session or process) is "
+     "used instead of asking the upstream again; 0: always ask"},
+    {"upstream-max-line", CFG_T_SIZE, CFG_FIELD(upstream_max_line), 0, "8k", 1 * KIB, 16 * MIB, 0,
+     "SIZE",
+     "longest command line the proxy builds for the upstream from computed message sets; longer "
+     "ones are split (Courier drops the connection on lines over ~16k)"},
+    {"max-tracked-messages", CFG_T_U64, CFG_FIELD(max_tracked_messages), 0, "1000000", 0,
+     UINT32_MAX, 0, "N",
+     "a mailbox with more messages is selected with NOMODSEQ (not tracked, no mod-sequences); "
+     "0: no limit"},
     {"tls-cert", CFG_T_STRS, CFG_FIELD(tls_cert), CFG_FIELD(n_tls_cert), NULL, 0, 0, 0, "FILE",
      "PEM certificate chain (leaf first) for listen-tls and STARTTLS; repeatable, paired with "
      "tls-key in order: a client's SNI name picks the pair naming it, the first is the default"},

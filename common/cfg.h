@@ -50,8 +50,17 @@
  *   high-water SIZE       262144        [4k, 1g]
  *   low-water SIZE        65536         [0, 1g]; must be < high-water
  *   log-level LEVEL       info          err|warn|info|debug
- *   condstore BOOL        no            offer CONDSTORE; needs redis (work
- *                                       in progress, see README)
+ *   condstore BOOL        no            offer CONDSTORE and QRESYNC; needs
+ *                                       redis
+ *   poll-interval DUR     10            [0, 1h] selected mailboxes of
+ *                                       CONDSTORE sessions are polled (NOOP,
+ *                                       virtual IDLE); 0: never
+ *   snapshot-freshness DUR 0           [0, 1h] a complete snapshot younger
+ *                                       than this is reused; 0: off
+ *   upstream-max-line SIZE 8k          [1k, 16m] computed sets are split
+ *                                       into several commands above it
+ *   max-tracked-messages N  1000000     [0, 2^32-1] larger mailboxes get
+ *                                       NOMODSEQ (CS-32); 0: no limit
  *   tls-cert FILE         repeatable, paired in order with tls-key FILE
  *                         (as many of each); the first pair is the default,
  *                         SNI picks among them. Needed by listen-tls and by
@@ -139,7 +148,11 @@ struct cfg {
     uint64_t high_water;      /* bytes */
     uint64_t low_water;       /* bytes */
     enum log_level log_level;
-    bool condstore; /* offer CONDSTORE; needs redis */
+    bool condstore;                /* offer CONDSTORE and QRESYNC; needs redis */
+    uint64_t max_tracked_messages; /* larger mailboxes get NOMODSEQ; 0: no limit */
+    uint64_t snapshot_freshness;   /* seconds; 0: every refresh asks the upstream */
+    uint64_t poll_interval;        /* seconds; 0: no polling of selected mailboxes */
+    uint64_t upstream_max_line;    /* computed upstream command lines are split above it */
 
     /* TLS (proxy/tls.h). */
     char **tls_cert; /* n_tls_cert paths, paired with tls_key */

@@ -112,6 +112,7 @@ struct sess {
     struct side cli;
     struct side up;
     uv_timer_t timer;
+    uv_timer_t poll_timer; /* proxy/sync.c: polling the selected mailbox */
     uv_connect_t conn_req;
     unsigned n_handles;
     uint64_t last_active; /* uv_now() of the last client input */
@@ -158,13 +159,16 @@ struct sess {
     bool rl_swallow;   /* the line is the proxy's own data: not relayed */
     bool rl_uidvalidity;
     bool rl_uidnext;
-    bool rl_expunge;    /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
-    bool rl_vanished;   /* ...and was taken by proxy/sync.c */
-    bool rl_stat;       /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
-    bool rl_renumbered; /* the line's number was put in the client's terms */
-    bool rl_stat_next;  /* its UIDNEXT's value comes next */
-    bool rl_enabled;    /* `* ENABLED` of a split ENABLE */
-    bool rl_enrich;     /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
+    bool rl_expunge;        /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
+    bool rl_vanished;       /* ...and was taken by proxy/sync.c */
+    bool rl_stat;           /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
+    bool rl_renumbered;     /* the line's number was put in the client's terms */
+    bool rl_cont_swallowed; /* a continuation answering the proxy's own IDLE */
+    bool rl_cont_noraw;     /* ...after which the client's next line is a command */
+    bool rl_idle_swallowed; /* the end of an upstream IDLE the proxy ended */
+    bool rl_stat_next;      /* its UIDNEXT's value comes next */
+    bool rl_enabled;        /* `* ENABLED` of a split ENABLE */
+    bool rl_enrich;         /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
     bool fp_has_flags;
     bool rl_search; /* `* SEARCH` of a SEARCH MODSEQ (CS-61) */
     bool rl_drop;   /* the upstream's own HIGHESTMODSEQ/NOMODSEQ (X13) */
@@ -196,13 +200,14 @@ struct sess {
     struct buf en_other;   /* the names the proxy does not own */
 
     /* TLS (proxy/sess_tls.c) */
-    uint8_t listen_kind; /* enum sess_listen */
-    uint8_t up_pre;      /* enum up_pre: the upstream's STARTTLS opening */
-    bool is_up_ready;    /* connected, and TLS up where upstream-tls says so */
-    bool is_sasl_plain;  /* AUTHENTICATE PLAIN: its identity is read */
-    bool is_plain_mech;  /* AUTHENTICATE's mechanism sends a secret in the clear */
-    bool up_had_caps;    /* the upstream's greeting had a [CAPABILITY] code */
-    char *up_greeting;   /* its text, until relayed; owned */
+    uint8_t listen_kind;     /* enum sess_listen */
+    uint8_t up_pre;          /* enum up_pre: the upstream's STARTTLS opening */
+    bool is_up_ready;        /* connected, and TLS up where upstream-tls says so */
+    bool is_sasl_plain;      /* AUTHENTICATE PLAIN: its identity is read */
+    uint8_t sasl_login_step; /* AUTHENTICATE LOGIN: 1 user name next, 2 password */
+    bool is_plain_mech;      /* AUTHENTICATE's mechanism sends a secret in the clear */
+    bool up_had_caps;        /* the upstream's greeting had a [CAPABILITY] code */
+    char *up_greeting;       /* its text, until relayed; owned */
     size_t up_greeting_len;
     char *up_tls_caps; /* its capabilities asked through TLS; owned */
     size_t up_tls_caps_len;

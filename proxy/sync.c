@@ -11,6 +11,7 @@
 #include "common/seqset.h"
 #include "proxy/cview.h"
 #include "proxy/msgmap.h"
+#include "state/clock.h"
 #include "state/store.h"
 
 enum sel_phase {
@@ -20,6 +21,15 @@ enum sel_phase {
     SEL_OBSERVE,  /* snapshot handed to the store */
     SEL_DONE,     /* selected, HIGHESTMODSEQ announced */
     SEL_PLAIN,    /* selected without CONDSTORE: tracked for CS-23 */
+};
+
+/* Where the virtual IDLE stands (issue 7 point 2). */
+enum vidle {
+    VI_NONE = 0,   /* upstream IDLE (if any) is the client's own */
+    VI_ENDING,     /* the proxy sent DONE; the upstream's OK is swallowed */
+    VI_POLLING,    /* the proxy's NOOP runs */
+    VI_LOOKUP,     /* the proxy looks new messages' UIDs up */
+    VI_RESTARTING, /* the proxy sent IDLE again; its `+` is swallowed */
 };
 
 /* One snapshot's collected data: UIDs and flag strings. */
@@ -45,9 +55,12 @@ struct sync {
      * requests are pipelined (one round trip for many lines); they go out
      * in order as the answers come (proxy/sess.c waits at a line boundary
      * for anything else, sync_up_waits). */
-    struct eline *eq; /* ENRICH_MAX slots, allocated on first use */
+    struct eline *eq; /* ENRICH_MAX slots, allocated while in use */
     unsigned eq_head, eq_n;
-    bool eq_barrier; /* the upstream waits for the queue to drain */
+    unsigned eq_unsent;     /* the newest eq_unsent lines await their batch */
+    struct buf eq_text;     /* the queued lines' bytes and flags */
+    struct ebatch *batches; /* EBATCH_MAX in flight */
+    bool eq_barrier;        /* the upstream waits for the queue to drain */
     struct store_mbox *mb;
     struct store_req *req;
     uint64_t highest;
@@ -103,21 +116,41 @@ struct sync {
     char code[64];           /* sync_tagged_code's text */
     struct pending *lookup;  /* UID FETCH n:* of new messages (QR-41) */
     struct pending *status;  /* STATUS (UIDNEXT) for an upstream without [UIDNEXT] */
+
+    /* The synchroniser (issue 7): polls of the selected mailbox, the
+     * virtual IDLE, change events from every process. */
+    enum vidle vidle;
+    struct pending *idle_p; /* the client's IDLE */
+    struct pending *vpoll;  /* the proxy's NOOP of a poll */
+    bool is_client_done;    /* the client's DONE came while the proxy worked */
+    bool is_up_idling;      /* the upstream sent the IDLE continuation */
+    struct store_sub *sub;  /* the selected mailbox's change events */
+    bool has_snap_lease;    /* this session snapshots the mailbox for all */
+    struct store_lease snap_lease;
 };
 
 #define CS_KEYS_MAX 8
 
-/* One FETCH line in the enrichment queue. */
-#define ENRICH_MAX 256
+/* One FETCH line in the enrichment queue; its bytes (and its flags, to
+ * observe) are in the sync's eq_text. */
+#define ENRICH_MAX  2048
+#define EBATCH_SIZE 512 /* lines per store_observe_each (one round trip) */
+#define EBATCH_MAX  (ENRICH_MAX / EBATCH_SIZE + 1)
 struct eline {
-    struct sess *s;
-    struct buf line;
+    size_t off, len;     /* the line in eq_text */
+    size_t f_off, f_len; /* its flags in eq_text */
     uint32_t uid;
     bool has_uid; /* the line has its own UID item */
     bool is_raw;  /* relayed as it is (UID unknown), only kept in order */
     bool is_done;
     uint64_t modseq;
-    struct store_req *req;
+};
+
+/* One batch of queued lines observed in one request. */
+struct ebatch {
+    struct sess *s;
+    struct store_req *req; /* NULL: the slot is free */
+    unsigned first, n;     /* ring positions first .. first + n - 1 */
 };
 
 /* A FETCH (CHANGEDSINCE n) or SEARCH MODSEQ waiting for its snapshot
@@ -155,6 +188,8 @@ static void cs_fetch_free(struct sync *y);
 static void sync_start_snapshot(struct sess *s);
 static void sync_observe(struct sess *s, bool is_ok);
 static void sync_snapshot_cmd(struct sess *s);
+static void on_select_info(void *arg, int err, const struct store_info *info);
+static void sync_snap_unlease(struct sess *s);
 static void sync_send_search(struct sess *s, const char *b, size_t len, bool is_seq, uint64_t max);
 static void sync_fetch_send(struct sess *s, const char *subset);
 static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_t n);
@@ -169,6 +204,15 @@ static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t
                         const uint32_t *expunged, size_t n_expunged, bool is_complete,
                         const struct store_info *info);
 static void sync_lookup(struct sess *s);
+static void sync_watch(struct sess *s);
+static void sync_poll_arm(struct sess *s);
+static void sync_vidle_after_poll(struct sess *s);
+static void sync_vidle_resume(struct sess *s);
+static void sync_select_observed(struct sess *s, uint64_t highest);
+static void log_fresh(struct sess *s, const char *what);
+static void sync_refresh_upstream(struct sess *s);
+static void on_refresh_info(void *arg, int err, const struct store_info *info);
+static void sync_fetch_changed(struct sess *s);
 static void on_fetch_since(void *arg, int err, const struct store_msg *msgs, size_t n,
                            const uint32_t *expunged, size_t n_expunged, bool is_complete,
                            const struct store_info *info);
@@ -204,17 +248,19 @@ void sync_fini(struct sess *s)
     if (y == NULL)
         return;
     store_req_cancel(&y->req);
+    store_unsubscribe(&y->sub);
+    sync_snap_unlease(s);
     store_mbox_free(&y->mb);
     msgmap_fini(&y->map);
     snap_fini(&y->snap);
     buf_fini(&y->tagged);
-    if (y->eq != NULL) {
-        for (unsigned i = 0; i < ENRICH_MAX; i++) {
-            store_req_cancel(&y->eq[i].req);
-            buf_fini(&y->eq[i].line);
-        }
-        free(y->eq);
+    if (y->batches != NULL) {
+        for (unsigned i = 0; i < EBATCH_MAX; i++)
+            store_req_cancel(&y->batches[i].req);
     }
+    free(y->batches);
+    free(y->eq);
+    buf_fini(&y->eq_text);
     buf_fini(&y->extra);
     cview_fini(&y->view);
     sync_qr_free(&y->qr);
@@ -242,6 +288,8 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
     if (y == NULL)
         y = s->sync = xcalloc(1, sizeof(*y));
     store_req_cancel(&y->req);
+    store_unsubscribe(&y->sub);
+    uv_timer_stop(&s->poll_timer);
     store_mbox_free(&y->mb);
     free(y->mailbox);
     y->mailbox = mbox != NULL ? xmemdup(mbox, len) : NULL;
@@ -397,6 +445,7 @@ static void on_observed(void *arg, int err, const struct store_result *res)
     struct sync *y = s->sync;
 
     y->req = NULL;
+    sync_snap_unlease(s); /* stored: the others may reuse it */
     if (s->is_closing)
         return;
     if (err < 0) {
@@ -416,17 +465,26 @@ static void on_observed(void *arg, int err, const struct store_result *res)
         sync_fetch_changed(s);
         return;
     }
+    sync_select_observed(s, res->highest);
+}
+
+/* The selection's state is up to date in the store (its own snapshot, or
+ * a fresh one it reused): answer it. */
+static void sync_select_observed(struct sess *s, uint64_t highest)
+{
+    struct sync *y = s->sync;
+
     y->phase = SEL_DONE;
-    y->highest = res->highest;
+    y->highest = highest;
     if (y->is_upgrading) {
-        sync_upgrade_done(s, res->highest);
+        sync_upgrade_done(s, highest);
         return;
     }
     if (y->has_qr && y->qr.uidvalidity == y->uidvalidity) {
         /* QR-35: what changed since the client's modseq; QR-33: nothing
          * when UIDVALIDITY differs. QR-38: a modseq above HIGHESTMODSEQ is
          * one the proxy cannot vouch for: a full answer. */
-        uint64_t since = y->qr.modseq > res->highest ? 0 : y->qr.modseq;
+        uint64_t since = y->qr.modseq > highest ? 0 : y->qr.modseq;
         int rc = store_since(y->mb, since, on_qr_since, s, &y->req);
         if (rc < 0)
             sync_store_lost(s, rc);
@@ -435,10 +493,67 @@ static void on_observed(void *arg, int err, const struct store_result *res)
     sync_select_done(s);
 }
 
+/* A complete snapshot of this mailbox younger than snapshot-freshness
+ * (any session's, any process's) may stand for the session's own. */
+static bool sync_is_fresh(const struct sess *s, const struct store_info *info)
+{
+    uint64_t fresh = s->ctx->cfg->snapshot_freshness;
+    uint64_t now = clock_now_us();
+    return fresh != 0 && info->has_state && info->is_complete && info->snap_us != 0 &&
+           now >= info->snap_us && now - info->snap_us < fresh * 1000000u;
+}
+
+/* The fresh snapshot's messages: the session's map, when they are exactly
+ * the mailbox the upstream just described (as many as EXISTS, the same
+ * UIDNEXT: nothing came or went since, so the same UIDs); otherwise a
+ * snapshot of its own after all. */
+static void on_fresh_msgs(void *arg, int err, const struct store_msg *msgs, size_t n,
+                          const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    bool ok = n == y->exists && msgmap_is_complete(&y->map) == (n == 0);
+    for (size_t i = 0; ok && i < n; i++)
+        ok = msgmap_set(&y->map, (uint32_t)i + 1, msgs[i].uid) == 0;
+    if (!ok || !msgmap_is_complete(&y->map)) {
+        msgmap_clear(&y->map);
+        if (msgmap_exists(&y->map, y->exists) < 0) {
+            sess_fail(s, QR_ENOMEM, "message map");
+            return;
+        }
+        sync_snapshot_cmd(s);
+        return;
+    }
+    log_fresh(s, "select");
+    sync_snap_unlease(s);
+    sync_select_observed(s, info->highest);
+}
+
+static void on_select_info(void *arg, int err, const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (sync_is_fresh(s, info) && info->n_msgs == y->exists && y->uidnext != 0 &&
+        info->uidnext == y->uidnext) {
+        int rc = store_changed(y->mb, 0, on_fresh_msgs, s, &y->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+        return;
+    }
+    sync_snapshot_cmd(s);
+}
+
 /* The CONDSTORE answer of a selection: HIGHESTMODSEQ (with what QRESYNC
  * adds in y->extra), then its tagged completion. */
 static void sync_select_done(struct sess *s)
 {
+    sync_watch(s);
     struct sync *y = s->sync;
     char code[64];
     /* X2: HIGHESTMODSEQ is never 0; the store's clock guarantees it. */
@@ -462,6 +577,7 @@ static void sync_observe(struct sess *s, bool is_ok)
     struct snap *sn = &y->snap;
 
     if (!is_ok || sn->n != y->exists || !msgmap_is_complete(&y->map)) {
+        sync_snap_unlease(s);
         if (y->is_for_fetch && !y->fetch->is_store && !y->fetch->is_search) {
             /* Nothing diffed (inv. 4): the whole set goes upstream and only
              * the lines newer than the client's modseq come back. */
@@ -496,10 +612,87 @@ static void sync_observe(struct sess *s, bool is_ok)
 }
 
 /* The snapshot of a CONDSTORE selection (DESIGN inv. 4). */
+/* Issue 7 point 3: one snapshotter per mailbox across every process. The
+ * mailbox's SNAPSHOT lease is taken first (waiting while another session
+ * or process snapshots it); a snapshot that one just made is then fresh
+ * and reused (snapshot-freshness). A lease that stays busy past the wait
+ * (a stuck holder: it expires after its TTL) only costs a snapshot of our
+ * own. */
+#define SNAP_LEASE_TTL  30000
+#define SNAP_LEASE_WAIT 10000
+
+static void sync_snap_unlease(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y->has_snap_lease && y->mb != NULL &&
+        store_lease_release(y->mb, &y->snap_lease, NULL, NULL, NULL) < 0) {
+        /* it expires on its own (TTL) */
+    }
+    y->has_snap_lease = false;
+}
+
+static void on_snap_lease(void *arg, int err, const struct store_lease_result *res)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (res->is_held) {
+        y->snap_lease = res->lease;
+        y->has_snap_lease = true;
+    } else {
+        struct log_line l;
+        log_begin(&l, LOG_INFO, "sync.snapshot_lease_busy");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "busy_ms", res->busy_ms);
+        log_end(&l);
+    }
+    if (y->is_for_fetch) {
+        sync_snapshot_cmd(s);
+        return;
+    }
+    if (s->ctx->cfg->snapshot_freshness == 0) {
+        sync_snapshot_cmd(s);
+        return;
+    }
+    int rc = store_info(y->mb, on_select_info, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
+static void sync_snap_lease(struct sess *s)
+{
+    struct sync *y = s->sync;
+    int rc = store_lease_acquire(y->mb, STORE_LEASE_SNAPSHOT, SNAP_LEASE_TTL, SNAP_LEASE_WAIT,
+                                 on_snap_lease, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
 static void sync_select_snapshot(struct sess *s)
 {
     s->sync->is_for_fetch = false;
-    sync_snapshot_cmd(s);
+    sync_snap_lease(s);
+}
+
+/* A debug log line `event sid=.. key=what`. */
+static void log_debug_str(struct sess *s, const char *event, const char *key, const char *what)
+{
+    if (!log_on(LOG_DEBUG))
+        return;
+    struct log_line l;
+    log_begin(&l, LOG_DEBUG, event);
+    log_hex(&l, "sid", s->id);
+    log_str(&l, key, what);
+    log_end(&l);
+}
+
+/* A fresh snapshot stood for the session's own. */
+static void log_fresh(struct sess *s, const char *what)
+{
+    log_debug_str(s, "sync.fresh_snapshot", "for", what);
 }
 
 /* `STATUS "mbox" (UIDNEXT)` with the name quoted (RFC 3501 quoted). */
@@ -548,8 +741,13 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
             sync_nomodseq(s, "mailbox not keyed");
             return;
         }
+        uint64_t limit = s->ctx->cfg->max_tracked_messages;
+        if (limit != 0 && y->exists > limit) {
+            sync_nomodseq(s, "over max-tracked-messages"); /* CS-32, QR-34 */
+            return;
+        }
         y->phase = SEL_SNAPSHOT;
-        if (y->uidnext == 0 && s->is_qresync) {
+        if (y->uidnext == 0 && (s->is_qresync || s->ctx->cfg->snapshot_freshness != 0)) {
             /* Courier's SELECT has no [UIDNEXT] (RFC 3501 wants it); QRESYNC
              * needs it for VANISHED (QR-35, X5): asked with STATUS. */
             char *cmd = sync_status_cmd(y->mailbox, y->mailbox_len);
@@ -578,7 +776,20 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     }
     if (p == y->lookup) {
         y->lookup = NULL;
+        if (y->vidle == VI_LOOKUP) {
+            sync_vidle_resume(s);
+            return;
+        }
         sync_lookup(s); /* EXISTS may have grown again meanwhile */
+        return;
+    }
+    if (p == y->vpoll) {
+        y->vpoll = NULL;
+        if (y->vidle == VI_POLLING) {
+            sync_vidle_after_poll(s);
+            return;
+        }
+        sync_poll_arm(s);
         return;
     }
     if (p == y->filter_cmd) {
@@ -660,8 +871,8 @@ static bool sync_was_sent(struct sync *y, uint32_t uid, uint64_t modseq)
 static void sync_emit_line(struct sess *s, const struct eline *e)
 {
     struct sync *y = s->sync;
-    const char *p = e->line.p;
-    size_t len = e->line.len, close = len;
+    const char *p = y->eq_text.p + e->off;
+    size_t len = e->len, close = len;
     uint64_t modseq = e->modseq;
 
     if (e->is_raw) {
@@ -696,7 +907,7 @@ static void sync_emit_line(struct sess *s, const struct eline *e)
 }
 
 /* Send the queue's answered lines, oldest first; once it is empty, both
- * sides go on. */
+ * sides go on and its memory is given back. */
 static void sync_drain_queue(struct sess *s)
 {
     struct sync *y = s->sync;
@@ -704,19 +915,103 @@ static void sync_drain_queue(struct sess *s)
     while (y->eq_n > 0 && y->eq[y->eq_head].is_done && !s->is_closing) {
         struct eline *e = &y->eq[y->eq_head];
         sync_emit_line(s, e);
-        buf_clear(&e->line, 1024);
         e->is_done = false;
         y->eq_head = (y->eq_head + 1) % ENRICH_MAX;
         y->eq_n--;
     }
     if (y->eq_n > 0 || s->is_closing)
         return;
+    free(y->eq);
+    y->eq = NULL;
+    y->eq_head = 0;
+    buf_clear(&y->eq_text, 4096);
     if (y->eq_barrier) {
         y->eq_barrier = false;
         sess_release(&s->up, HOLD_QUEUE);
     }
     sess_release(&s->cli, HOLD_QUEUE);
     sess_flush(s);
+}
+
+static void on_batch_observed(void *arg, int err, const struct store_result *res,
+                              const uint64_t *modseqs, size_t n)
+{
+    struct ebatch *b = arg;
+    struct sess *s = b->s;
+    struct sync *y = s->sync;
+
+    b->req = NULL;
+    if (s->is_closing)
+        return;
+    if (err < 0 || n != b->n) {
+        sync_store_lost(s, err < 0 ? err : QR_ESTATE);
+        return;
+    }
+    if (res != NULL && res->highest > y->highest)
+        y->highest = res->highest; /* change events up to it are ours */
+    for (unsigned i = 0; i < b->n; i++) {
+        struct eline *e = &y->eq[(b->first + i) % ENRICH_MAX];
+        /* The line's own modseq: new when its flags changed, kept
+         * otherwise (CS-12); never 0 for a line that has flags. */
+        if (modseqs[i] == 0) {
+            sync_store_lost(s, QR_ESTATE);
+            return;
+        }
+        e->modseq = modseqs[i];
+        e->is_done = true;
+    }
+    sync_drain_queue(s);
+}
+
+/* Observe the lines that await their batch, in one request (CS-51: every
+ * FLAGS list is an observation, and the MODSEQ sent with it is the one
+ * this observation gives). */
+void sync_flush_batch(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->eq_unsent == 0 || s->is_closing)
+        return;
+    struct ebatch *b = NULL;
+    for (unsigned i = 0; b == NULL && i < EBATCH_MAX; i++) {
+        if (y->batches[i].req == NULL)
+            b = &y->batches[i];
+    }
+    if (b == NULL) {
+        sess_fail(s, QR_ESTATE, "enrichment batches"); /* bounded by ENRICH_MAX */
+        return;
+    }
+    unsigned first = (y->eq_head + y->eq_n - y->eq_unsent) % ENRICH_MAX;
+    struct store_obs *obs = xcalloc(y->eq_unsent, sizeof(*obs));
+    unsigned n = 0, from = first;
+    for (unsigned i = 0; i < y->eq_unsent; i++) {
+        const struct eline *e = &y->eq[(first + i) % ENRICH_MAX];
+        if (e->is_raw) {
+            /* Raw lines are done already; a batch is a run without them. */
+            if (n == 0) {
+                from = (first + i + 1) % ENRICH_MAX;
+                continue;
+            }
+            break;
+        }
+        obs[n].uid = e->uid;
+        obs[n].flags = y->eq_text.p + e->f_off;
+        obs[n].flags_len = e->f_len;
+        n++;
+    }
+    unsigned skipped = (from + ENRICH_MAX - first) % ENRICH_MAX;
+    y->eq_unsent -= skipped + n;
+    if (n > 0) {
+        b->s = s;
+        b->first = from;
+        b->n = n;
+        int rc = store_observe_each(y->mb, obs, n, on_batch_observed, b, &b->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+    }
+    free(obs);
+    if (y->eq_unsent > 0)
+        sync_flush_batch(s); /* the run after a raw line */
 }
 
 /* Whether p[0..len) holds "FLAGS (". */
@@ -742,17 +1037,28 @@ bool sync_up_waits(struct sess *s, const char *p, size_t n)
     size_t num = len > 0 ? sync_num_end(p, len) : 0;
     bool ok = num > 0 && len >= num + 8 && strncasecmp(p + num, " FETCH (", 8) == 0 &&
               !(len >= 3 && p[len - 3] == '}') && has_flags(p, len);
-    if (!ok)
+    if (!ok) {
         y->eq_barrier = true;
+        sync_flush_batch(s); /* what waits for the queue must not wait for more lines */
+    }
     return !ok;
 }
 
 static void sync_store_lost(struct sess *s, int err)
 {
     static const char bye[] = "* BYE [UNAVAILABLE] State store unreachable\r\n";
-    /* DESIGN inv. 6: never a guessed modseq. */
+    if (s->is_draining || s->is_closing)
+        return; /* said once */
+    /* DESIGN inv. 6: never a guessed modseq. The BYE is delivered before
+     * the connection closes (a drain), whatever holds the sides. */
     sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
-    sess_fail(s, err, "state store");
+    struct log_line l;
+    log_begin(&l, LOG_WARN, "session.error");
+    log_hex(&l, "sid", s->id);
+    log_str(&l, "what", "state store");
+    log_err(&l, "err", err);
+    log_end(&l);
+    sess_drain(s, "state store");
 }
 
 /* The start of every store callback: the request is over; false when the
@@ -769,29 +1075,6 @@ static bool sync_cb_ok(struct sess *s, int err)
     return true;
 }
 
-static void on_line_observed(void *arg, int err, const struct store_result *res)
-{
-    struct eline *e = arg;
-    struct sess *s = e->s;
-
-    e->req = NULL;
-    if (s->is_closing)
-        return;
-    if (err < 0) {
-        sync_store_lost(s, err);
-        return;
-    }
-    /* The line's own modseq: new when its flags changed, kept otherwise
-     * (CS-12), in the same round trip. */
-    if (res->uid_modseq == 0) {
-        sync_store_lost(s, QR_ESTATE);
-        return;
-    }
-    e->modseq = res->uid_modseq;
-    e->is_done = true;
-    sync_drain_queue(s);
-}
-
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
                       const char *flags, size_t flags_len)
 {
@@ -802,11 +1085,10 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
         uid = msgmap_uid(&y->map, seq);
     if (uid == 0 && y->eq_n == 0)
         return false; /* UID not known yet: relayed as it is */
-    if (y->eq == NULL) {
+    if (y->eq == NULL)
         y->eq = xcalloc(ENRICH_MAX, sizeof(*y->eq));
-        for (unsigned i = 0; i < ENRICH_MAX; i++)
-            y->eq[i].s = s;
-    }
+    if (y->batches == NULL)
+        y->batches = xcalloc(EBATCH_MAX, sizeof(*y->batches));
     if (y->eq_n == ENRICH_MAX) {
         sess_fail(s, QR_ESTATE, "enrichment queue"); /* sync_up_waits prevents it */
         return true;
@@ -816,31 +1098,33 @@ bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, u
     e->has_uid = has_uid;
     e->is_raw = uid == 0; /* kept in its place behind the queued lines */
     e->is_done = e->is_raw;
+    e->off = y->eq_text.len;
     size_t skip = sync_num_end(b, len);
     int rc = 0;
     if (skip > 0 && sync_has_held(s)) {
         /* CS-66: numbered as the client numbers it. */
         char head[24];
         int n = snprintf(head, sizeof(head), "* %u", sync_cli_number(s, seq, false));
-        rc = buf_append(&e->line, head, (size_t)n, SIZE_MAX);
+        rc = buf_append(&y->eq_text, head, (size_t)n, SIZE_MAX);
         b += skip;
         len -= skip;
     }
     if (rc == 0)
-        rc = buf_append(&e->line, b, len, SIZE_MAX);
+        rc = buf_append(&y->eq_text, b, len, SIZE_MAX);
+    e->len = y->eq_text.len - e->off;
+    e->f_off = y->eq_text.len;
+    if (rc == 0)
+        rc = buf_append(&y->eq_text, flags, flags_len, SIZE_MAX);
+    e->f_len = flags_len;
     if (rc < 0) {
         sess_fail(s, QR_ENOMEM, "fetch line");
         return true;
     }
     if (y->eq_n++ == 0)
         sess_hold(&s->cli, HOLD_QUEUE); /* nothing the client sends overtakes it */
-    if (e->is_raw)
-        return true;
-    /* CS-51: every FLAGS list is an observation, and the MODSEQ sent with
-     * it is the one this observation gives. */
-    rc = store_observe_one(y->mb, uid, flags, flags_len, on_line_observed, e, &e->req);
-    if (rc < 0)
-        sync_store_lost(s, rc);
+    y->eq_unsent++;
+    if (y->eq_unsent >= EBATCH_SIZE)
+        sync_flush_batch(s);
     return true;
 }
 
@@ -909,8 +1193,38 @@ static void sync_start_refresh(struct sess *s)
 
     y->fetch->is_waiting = false;
     y->n_sent = 0;
-    y->noop = cmd_internal(s, "NOOP");
+    if (s->ctx->cfg->snapshot_freshness != 0) {
+        int rc = store_info(y->mb, on_refresh_info, s, &y->req);
+        if (rc < 0)
+            sync_store_lost(s, rc);
+        return;
+    }
+    sync_refresh_upstream(s);
+}
+
+/* The refresh from the upstream itself: NOOP, then the snapshot. */
+static void sync_refresh_upstream(struct sess *s)
+{
+    s->sync->noop = cmd_internal(s, "NOOP");
     sess_flush(s); /* also called from store callbacks, outside any read */
+}
+
+/* A fresh snapshot (snapshot-freshness) answers the question as it is. */
+static void on_refresh_info(void *arg, int err, const struct store_info *info)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (!sync_is_fresh(s, info)) {
+        sync_refresh_upstream(s);
+        return;
+    }
+    log_fresh(s, "refresh");
+    y->is_for_fetch = true;
+    y->highest = info->highest;
+    sync_fetch_changed(s);
 }
 
 /* `FETCH 1:* (UID FLAGS)`: by message numbers, so no expunge can come
@@ -926,12 +1240,13 @@ static void sync_snapshot_cmd(struct sess *s)
     }
     y->is_snapping = true;
     y->internal = cmd_internal(s, "FETCH 1:* (UID FLAGS)");
+    sess_flush(s); /* also called from store callbacks, outside any read */
 }
 
 static void sync_start_snapshot(struct sess *s)
 {
     s->sync->is_for_fetch = true;
-    sync_snapshot_cmd(s);
+    sync_snap_lease(s);
 }
 
 void sync_idle(struct sess *s)
@@ -1031,6 +1346,57 @@ int sync_fetch_changedsince(struct sess *s, bool is_uid, const char *set, size_t
     return 0;
 }
 
+/* Send `verb set rest` upstream for the deferred command f, split into
+ * several commands when the line would be longer than upstream-max-line
+ * (GEN-04; Courier drops a connection on a line over ~16 KiB): the parts
+ * but the last are the proxy's own (their untagged answers reach the
+ * client like the last one's), the last carries the client's tag. set is
+ * a comma-separated sequence set. Returns the last one's pending. */
+static struct pending *sync_send_split(struct sess *s, const struct cs_fetch *f, const char *verb,
+                                       const char *set, const char *rest, bool no_expunge)
+{
+    size_t limit = s->ctx->cfg->upstream_max_line;
+    size_t fixed = strlen(verb) + strlen(rest) + 32; /* tag, spaces, CRLF */
+    size_t room = limit > fixed + 16 ? limit - fixed : 16;
+    struct buf line = {0};
+    int rc = 0;
+
+    while (strlen(set) > room) {
+        /* The longest prefix that ends before a comma and fits. */
+        size_t cut = room;
+        while (cut > 0 && set[cut] != ',')
+            cut--;
+        if (cut == 0)
+            break; /* one term longer than the room: sent whole */
+        buf_clear(&line, 1024);
+        rc |= buf_append(&line, verb, strlen(verb), SIZE_MAX);
+        rc |= buf_append(&line, " ", 1, SIZE_MAX);
+        rc |= buf_append(&line, set, cut, SIZE_MAX);
+        rc |= buf_append(&line, " ", 1, SIZE_MAX);
+        rc |= buf_append(&line, rest, strlen(rest), SIZE_MAX);
+        rc |= buf_append(&line, "", 1, SIZE_MAX); /* NUL for cmd_internal */
+        if (rc != 0)
+            break;
+        struct pending *p = cmd_internal(s, line.p);
+        p->no_expunge = no_expunge;
+        set += cut + 1;
+    }
+    buf_clear(&line, 1024);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, verb, strlen(verb), SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, set, strlen(set), SIZE_MAX);
+    rc |= buf_append(&line, " ", 1, SIZE_MAX);
+    rc |= buf_append(&line, rest, strlen(rest), SIZE_MAX);
+    rc |= buf_append(&line, "\r\n", 2, SIZE_MAX);
+    if (rc != 0)
+        sess_fail(s, QR_ENOMEM, "command");
+    struct pending *p = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
+    p->no_expunge = no_expunge;
+    buf_fini(&line);
+    return p;
+}
+
 /* Send the FETCH upstream for subset (NULL: the client's whole set, with
  * the filter doing the work), or answer it here when subset is empty. */
 /* Format a set: "" when it is empty (both malloc'ed), NULL on error. */
@@ -1085,28 +1451,12 @@ static void sync_fetch_send(struct sess *s, const char *subset)
     if (subset != NULL && subset[0] == '\0') {
         cmd_local_answer(s, f->tag, f->tag_len, "OK Fetch completed (no changes)");
     } else {
-        struct buf line = {0};
         const char *set = subset != NULL ? subset : f->set;
         bool is_uid = f->is_uid && !f->is_client_seq;
-        int rc = buf_append(&line, is_uid ? " UID FETCH " : " FETCH ", is_uid ? 11 : 7, SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, set, strlen(set), SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, " ", 1, SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, f->items, strlen(f->items), SIZE_MAX);
-        if (rc == 0)
-            rc = buf_append(&line, "\r\n", 2, SIZE_MAX);
-        if (rc < 0) {
-            buf_fini(&line);
-            sess_fail(s, rc, "fetch");
-            return;
-        }
-        y->filter_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
-        y->filter_cmd->no_expunge = f->is_client_seq;
         y->filter_since = f->since;
         y->is_filtering = true;
-        buf_fini(&line);
+        y->filter_cmd =
+            sync_send_split(s, f, is_uid ? "UID FETCH" : "FETCH", set, f->items, f->is_client_seq);
     }
     free(seqs);
     deferred_done(s);
@@ -1131,21 +1481,45 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
             if (msgs[i].modseq >= f->keys[k].n)
                 rc = seqset_add(&set, msgs[i].uid);
         }
-        char *text = NULL;
-        size_t len = 0;
+        char *text = NULL, *other = NULL;
+        size_t len = 0, olen = 0;
         if (rc == 0 && !seqset_is_empty(&set))
             rc = seqset_format_alloc(&set, &text, &len);
+        if (rc == 0 && len > 64) {
+            /* GEN-04: the other messages may make a shorter set. */
+            struct seqset live, rest;
+            seqset_init(&live);
+            seqset_init(&rest);
+            for (uint32_t i = 1; rc == 0 && i <= y->map.n; i++) {
+                uint32_t u = msgmap_uid(&y->map, i);
+                if (u != 0)
+                    rc = seqset_add(&live, u);
+            }
+            if (rc == 0)
+                rc = seqset_difference(&live, &set, &rest);
+            if (rc == 0 && !seqset_is_empty(&rest))
+                rc = seqset_format_alloc(&rest, &other, &olen);
+            seqset_fini(&live);
+            seqset_fini(&rest);
+        }
         seqset_fini(&set);
         if (rc == 0)
             rc = buf_append(&line, f->line + at, f->keys[k].from - at, SIZE_MAX);
         if (rc == 0 && text == NULL)
             rc = buf_append(&line, "NOT ALL", 7, SIZE_MAX);
-        else if (rc == 0) {
+        else if (rc == 0 && other == NULL && len > 64)
+            rc = buf_append(&line, "ALL", 3, SIZE_MAX); /* every message */
+        else if (rc == 0 && other != NULL && olen + 4 < len) {
+            rc = buf_append(&line, "NOT UID ", 8, SIZE_MAX);
+            if (rc == 0)
+                rc = buf_append(&line, other, olen, SIZE_MAX);
+        } else if (rc == 0) {
             rc = buf_append(&line, "UID ", 4, SIZE_MAX);
             if (rc == 0)
                 rc = buf_append(&line, text, len, SIZE_MAX);
         }
         free(text);
+        free(other);
         at = f->keys[k].to;
     }
     if (rc == 0)
@@ -1153,6 +1527,13 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
     if (rc < 0) {
         buf_fini(&line);
         sess_fail(s, rc, "search");
+        return;
+    }
+    if (line.len + 32 > s->ctx->cfg->upstream_max_line) {
+        /* GEN-04: no shorter form; the upstream would refuse the line (or,
+         * Courier, drop the connection). */
+        buf_fini(&line);
+        deferred_answer(s, "NO [LIMIT] Too many scattered messages match MODSEQ for this server");
         return;
     }
     y->search_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
@@ -1573,24 +1954,23 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         free(fail_text);
         return;
     }
-    struct buf line = {0};
+    struct buf rest = {0};
     bool is_uid = f->is_uid && !f->is_client_seq;
-    rc = buf_append(&line, is_uid ? " UID STORE " : " STORE ", is_uid ? 11 : 7, SIZE_MAX);
-    rc |= buf_append(&line, pass_text, strlen(pass_text), SIZE_MAX);
-    rc |= buf_append(&line, " ", 1, SIZE_MAX);
-    rc |= buf_append(&line, f->item, strlen(f->item), SIZE_MAX);
-    rc |= buf_append(&line, " ", 1, SIZE_MAX);
-    rc |= buf_append(&line, f->value, strlen(f->value), SIZE_MAX);
-    rc |= buf_append(&line, "\r\n", 2, SIZE_MAX);
-    free(pass_text);
+    rc = buf_append(&rest, f->item, strlen(f->item), SIZE_MAX);
+    rc |= buf_append(&rest, " ", 1, SIZE_MAX);
+    rc |= buf_append(&rest, f->value, strlen(f->value), SIZE_MAX);
+    rc |= buf_append(&rest, "", 1, SIZE_MAX);
     if (rc != 0) {
+        free(pass_text);
         free(fail_text);
-        buf_fini(&line);
+        buf_fini(&rest);
         sess_fail(s, QR_ENOMEM, "conditional store");
         return;
     }
-    y->store_cmd = cmd_send_line(s, f->tag, f->tag_len, line.p, line.len);
-    y->store_cmd->no_expunge = f->is_client_seq;
+    y->store_cmd =
+        sync_send_split(s, f, is_uid ? "UID STORE" : "STORE", pass_text, rest.p, f->is_client_seq);
+    free(pass_text);
+    buf_fini(&rest);
     free(y->modified);
     y->modified = NULL;
     if (fail_text != NULL) {
@@ -1599,7 +1979,6 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         snprintf(y->modified, ml, "MODIFIED %s", fail_text);
         free(fail_text);
     }
-    buf_fini(&line);
     deferred_done(s);
 }
 
@@ -1690,7 +2069,9 @@ static void sync_upgrade_start(struct sess *s)
 
     y->is_upgrade_waiting = false;
     y->is_upgrading = true;
+    uint64_t limit = s->ctx->cfg->max_tracked_messages;
     if (s->user == NULL || y->mailbox == NULL || y->uidvalidity == 0 ||
+        (limit != 0 && y->exists > limit) ||
         store_mbox_new(s->ctx->store, s->user, strlen(s->user), y->mailbox, y->mailbox_len,
                        y->uidvalidity, &y->mb) < 0) {
         y->phase = SEL_NONE;
@@ -2117,4 +2498,192 @@ static void sync_lookup(struct sess *s)
     char cmd[64];
     snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", first);
     y->lookup = cmd_internal(s, cmd);
+}
+
+/* ------------------------------------ the synchroniser (issue 7) */
+
+/* Log one of the proxy's own upstream lines that is not a tagged command
+ * (DONE), as cmd_internal() logs the others. */
+static void log_internal(struct sess *s, const char *what)
+{
+    cmd_log_internal(s, what, 0);
+}
+
+/* Ask the upstream for changes now: a NOOP between commands, or the
+ * virtual IDLE (DONE, NOOP, IDLE) while the client idles. Anything else
+ * in progress: later. */
+static void sync_poll_now(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (s->is_closing || y == NULL || y->phase != SEL_DONE || y->mb == NULL)
+        return;
+    if (y->vpoll != NULL || y->vidle != VI_NONE || y->fetch != NULL || y->upgrade != NULL ||
+        y->lookup != NULL || y->is_snapping || y->eq_n > 0 || y->req != NULL) {
+        sync_poll_arm(s);
+        return;
+    }
+    const struct pending *p = sync_current(s);
+    if (p == NULL && s->head == NULL) {
+        /* Between commands: what it reports is unsolicited data; expunges
+         * wait for the client's next command (CS-66). */
+        y->vpoll = cmd_internal(s, "NOOP");
+        sess_flush(s);
+        return;
+    }
+    if (p != NULL && p->kind == CMD_IDLE && p->next == NULL && y->is_up_idling &&
+        s->raw_lines > 0) {
+        /* The client idles: end the upstream's IDLE, look, idle again,
+         * invisibly (issue 7 point 2). */
+        y->idle_p = (struct pending *)p;
+        y->vidle = VI_ENDING;
+        sess_send(&s->up, NULL, "DONE\r\n", 6);
+        log_internal(s, "DONE");
+        sess_flush(s);
+        return;
+    }
+    sync_poll_arm(s); /* the client's commands run: they see changes */
+}
+
+static void on_poll_timer(uv_timer_t *t)
+{
+    sync_poll_now(t->data);
+}
+
+static void sync_poll_arm(struct sess *s)
+{
+    uint64_t every = s->ctx->cfg->poll_interval;
+    if (every != 0 && !s->is_closing && s->sync != NULL && s->sync->phase == SEL_DONE)
+        uv_timer_start(&s->poll_timer, on_poll_timer, 1000 * every, 0);
+}
+
+/* A change of the selected mailbox observed by any session of any process
+ * (issue 7 point 3): one this session has not seen makes it look now. */
+static void on_mbox_event(void *arg, uint32_t uidvalidity, uint64_t highest)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (s->is_closing || y == NULL || uidvalidity != y->uidvalidity || highest <= y->highest)
+        return;
+    if (log_on(LOG_DEBUG)) {
+        struct log_line l;
+        log_begin(&l, LOG_DEBUG, "sync.event");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "highest", highest);
+        log_end(&l);
+    }
+    sync_poll_now(s);
+}
+
+/* A tracked selection is ready: poll it, and hear of its changes. */
+static void sync_watch(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y->mb == NULL || s->ctx->cfg->poll_interval == 0)
+        return;
+    store_unsubscribe(&y->sub);
+    if (store_subscribe(y->mb, on_mbox_event, s, &y->sub) < 0)
+        y->sub = NULL; /* polling alone, then */
+    sync_poll_arm(s);
+}
+
+bool sync_cont_line(struct sess *s, bool *no_raw)
+{
+    struct sync *y = s->sync;
+
+    *no_raw = false;
+    if (y == NULL || s->last_kind != CMD_IDLE)
+        return false;
+    y->is_up_idling = true;
+    if (y->vidle != VI_RESTARTING)
+        return false; /* the client's own IDLE: relayed */
+    y->vidle = VI_NONE;
+    if (y->is_client_done) {
+        /* The client said DONE meanwhile: now the upstream may hear it;
+         * its OK goes to the client's IDLE. */
+        y->is_client_done = false;
+        y->is_up_idling = false;
+        sess_send(&s->up, NULL, "DONE\r\n", 6);
+        *no_raw = true;
+    }
+    sync_poll_arm(s);
+    return true; /* the client has had its continuation */
+}
+
+bool sync_swallows_idle_end(struct sess *s, const struct pending *p)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->vidle != VI_ENDING || p != y->idle_p)
+        return false;
+    /* The upstream's IDLE ended for the proxy: the client's goes on. */
+    y->is_up_idling = false;
+    y->vidle = VI_POLLING;
+    y->vpoll = cmd_internal(s, "NOOP");
+    return true;
+}
+
+/* The poll's NOOP is done: look new messages up, then idle again (or end
+ * the client's IDLE if it said DONE meanwhile). */
+static void sync_vidle_after_poll(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (!msgmap_is_complete(&y->map) && !y->is_client_done) {
+        char cmd[64];
+        snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", msgmap_first_unknown(&y->map));
+        y->vidle = VI_LOOKUP;
+        y->lookup = cmd_internal(s, cmd);
+        sess_flush(s);
+        return;
+    }
+    sync_vidle_resume(s);
+}
+
+static void sync_vidle_resume(struct sess *s)
+{
+    struct sync *y = s->sync;
+    struct pending *p = y->idle_p;
+
+    y->idle_p = NULL;
+    if (y->is_client_done) {
+        /* RFC 2177: DONE ends IDLE with its tagged OK, given here since
+         * the upstream's IDLE ended already. */
+        static const char text[] = " OK IDLE terminated\r\n";
+        y->is_client_done = false;
+        y->vidle = VI_NONE;
+        p->local = xmalloc(p->tag_len + sizeof(text));
+        memcpy(p->local, p->tag, p->tag_len);
+        memcpy(p->local + p->tag_len, text, sizeof(text) - 1);
+        p->local_len = p->tag_len + sizeof(text) - 1;
+        p->is_done = true;
+        cmd_pending_retire(s);
+        sess_flush(s);
+        sync_poll_arm(s);
+        return;
+    }
+    y->idle_p = p;
+    y->vidle = VI_RESTARTING;
+    p->up_tag = ++s->next_tag;
+    char line[40];
+    int n = snprintf(line, sizeof(line), "Q%llu IDLE\r\n", (unsigned long long)p->up_tag);
+    sess_send(&s->up, NULL, line, (size_t)n);
+    log_internal(s, "IDLE");
+    sess_flush(s);
+}
+
+bool sync_client_done(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || s->last_kind != CMD_IDLE)
+        return false;
+    if (y->vidle == VI_NONE) {
+        y->is_up_idling = false; /* relayed: the upstream's OK ends it */
+        return false;
+    }
+    y->is_client_done = true; /* answered once the proxy's work is done */
+    return true;
 }

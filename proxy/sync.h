@@ -96,12 +96,17 @@ void sync_expunge(struct sess *s, uint32_t seq);
  * upstream (HOLD_QUEUE) until the queue drains. */
 bool sync_up_waits(struct sess *s, const char *p, size_t n);
 
+/* The upstream's bytes read so far are processed: queued FETCH lines go to
+ * the store now, in one request (proxy/sess.c). */
+void sync_flush_batch(struct sess *s);
+
 /* The last segment b[0..len) of `* seq FETCH (...)` whose FLAGS are
  * flags[0..flags_len) and whose own UID item is uid (0: none): queued,
- * observed in the store (requests pipelined), then sent with UID and
- * MODSEQ in order; the client waits while the queue is not empty. Returns
- * false (nothing done, relay the line) when the UID is not known and the
- * queue is empty. Copies b. */
+ * observed in the store in batches (store_observe_each: one round trip for
+ * up to 512 lines, sent when a batch is full, at the end of what was read,
+ * or when another line must wait), then sent with UID and MODSEQ in order; the client waits while
+ * the queue is not empty. Returns false (nothing done, relay the line) when the UID is not known
+ * and the queue is empty. Copies b. */
 bool sync_enrich_line(struct sess *s, const char *b, size_t len, uint32_t seq, uint32_t uid,
                       const char *flags, size_t flags_len);
 
@@ -205,6 +210,20 @@ bool sync_can_upgrade(const struct sess *s);
  * snapshot the mailbox once the commands before it completed, send
  * `* OK [HIGHESTMODSEQ n]` and replay the command (proxy/cmd.c). */
 void sync_upgrade(struct sess *s, const char *line, size_t len, bool is_enable);
+
+/* Issue 7, the virtual IDLE. An upstream continuation line while the
+ * client's last command is IDLE: true when it is the answer to the proxy's
+ * own re-sent IDLE and is not relayed (*no_raw: the client's DONE was
+ * already taken, so its next line is a command). */
+bool sync_cont_line(struct sess *s, bool *no_raw);
+
+/* The tagged completion of p, the client's IDLE, is the end of the
+ * upstream IDLE the proxy ended itself: not relayed, p stays open. */
+bool sync_swallows_idle_end(struct sess *s, const struct pending *p);
+
+/* The client's DONE of its IDLE: true when the proxy takes it (its own
+ * commands are running upstream; the client's IDLE is answered after). */
+bool sync_client_done(struct sess *s);
 
 /* No client command is in flight any more (proxy/cmd.c). */
 void sync_idle(struct sess *s);

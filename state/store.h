@@ -9,6 +9,8 @@
  *                             upstream reported expunged)
  *   store_observe_one()       one untagged FETCH's flags; the result gives
  *                             that message's MODSEQ (one round trip)
+ *   store_observe_each()      many untagged FETCHes' flags in one round trip;
+ *                             gives each message's MODSEQ
  *   store_observe_snapshot()  the complete UID -> flags list of the mailbox;
  *                             every stored UID absent from it is expunged.
  *                             Only a complete snapshot may be passed (tagged
@@ -120,6 +122,7 @@ struct store_obs {
 };
 
 #define STORE_FLAGS_MAX 4000
+#define STORE_OBS_MAX   (64u * 1024 * 1024) /* messages in one observation */
 
 /* What an observation did. */
 struct store_result {
@@ -129,9 +132,10 @@ struct store_result {
     uint32_t n_changed, n_new, n_gone;
     bool is_fresh;       /* the state was (re)created by this observation: it was
                             missing, evicted, or of another UIDVALIDITY (inv. 2) */
-    uint64_t uid_modseq; /* for a one-message observation (store_observe_one):
-                            that message's modseq afterwards, changed or not;
-                            0 if it was reported gone */
+    uint64_t uid_modseq; /* for a one-message observation (n == 1, as
+                            store_observe_one): that message's modseq
+                            afterwards, changed or not; 0 if it was reported
+                            gone. 0 when n != 1 (see store_observe_each) */
 };
 
 /* A mailbox state's bookkeeping. When has_state is false the other fields
@@ -167,6 +171,11 @@ struct store_stats {
 };
 
 typedef void store_observe_cb(void *arg, int err, const struct store_result *res);
+/* store_observe_each(): res as for store_observe_cb (uid_modseq 0); modseqs[i]
+ * is the modseq afterwards of the i-th UID observed (n of them, the caller's
+ * order). On error res and modseqs are NULL and n is 0. */
+typedef void store_observe_each_cb(void *arg, int err, const struct store_result *res,
+                                   const uint64_t *modseqs, size_t n);
 typedef void store_info_cb(void *arg, int err, const struct store_info *info);
 /* modseqs[i] is the modseq of the i-th UID asked, 0 when the UID is not
  * stored (unknown or expunged). */
@@ -220,8 +229,8 @@ uint32_t store_mbox_uidvalidity(const struct store_mbox *mb);
 /* Observe n messages (any order; a UID given twice: the last wins).
  * The obs array is copied before return. req_out (may be NULL) receives the
  * request for cancelling; it stays valid until the callback has returned.
- * Fails at once with QR_EINVAL (uid 0, n too large) or QR_ELIMIT (a flag set
- * over STORE_FLAGS_MAX). Takes one Redis round trip. */
+ * Fails at once with QR_EINVAL (uid 0, n over STORE_OBS_MAX) or QR_ELIMIT (a
+ * flag set over STORE_FLAGS_MAX). Takes one Redis round trip. */
 QR_MUST_CHECK int store_observe(struct store_mbox *mb, const struct store_obs *obs, size_t n,
                                 store_observe_cb *cb, void *arg, struct store_req **req_out);
 /* Observe one message, as an untagged `* n FETCH (UID u FLAGS (...))`
@@ -231,6 +240,22 @@ QR_MUST_CHECK int store_observe(struct store_mbox *mb, const struct store_obs *o
 QR_MUST_CHECK int store_observe_one(struct store_mbox *mb, uint32_t uid, const char *flags,
                                     size_t flags_len, store_observe_cb *cb, void *arg,
                                     struct store_req **req_out);
+/* Observe n messages as store_observe() does (a partial observation: UIDs
+ * not listed are left alone; is_gone entries are expunges), in one round
+ * trip, and give each one's modseq afterwards: modseqs[i] for obs[i], new
+ * when its flags changed (or it is new), the stored one otherwise, 0 for an
+ * is_gone entry. Same atomicity, idempotence and invariants as
+ * store_observe() (one fresh modseq for all changes of this observation,
+ * DESIGN inv. 1-3), same limits and errors (n <= STORE_OBS_MAX; the mailbox's
+ * keys only, so one Cluster hash slot). A UID given twice: the last entry
+ * wins, and both slots report its modseq afterwards (0 if the last one is
+ * is_gone). modseqs[i] is what store_modseqs() reports for that UID right
+ * after this observation, including a modseq the chunk format raised
+ * (state/pack.h). The reply grows by 7 bytes per distinct UID: meant for
+ * batches of untagged FETCH lines (hundreds to a few thousand). */
+QR_MUST_CHECK int store_observe_each(struct store_mbox *mb, const struct store_obs *obs, size_t n,
+                                     store_observe_each_cb *cb, void *arg,
+                                     struct store_req **req_out);
 /* Observe the complete list of the mailbox's messages (is_gone must be
  * false). Stored UIDs not in it are expunged with this observation's modseq.
  * One round trip. */

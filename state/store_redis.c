@@ -48,10 +48,10 @@
 #define STORE_BACKOFF_MIN_MS 50
 #define STORE_BACKOFF_MAX_MS 2000
 #define STORE_RETRY_MS       50 /* after TRYAGAIN, LOADING, READONLY */
-#define STORE_MAX_OBS        (64u * 1024 * 1024)
 
 enum store_kind {
     STORE_OBSERVE,
+    STORE_OBSERVE_EACH,
     STORE_INFO,
     STORE_MODSEQS,
     STORE_CHANGED,
@@ -67,6 +67,7 @@ struct store_req {
     enum store_kind kind;
     union {
         store_observe_cb *observe;
+        store_observe_each_cb *observe_each;
         store_info_cb *info;
         store_modseqs_cb *modseqs;
         store_changed_cb *changed;
@@ -86,7 +87,9 @@ struct store_req {
     int argc;
     char **argv;
     size_t *argvlen;
-    uint32_t *uids; /* STORE_MODSEQS: the UIDs asked, in the caller's order */
+    uint32_t *uids; /* STORE_MODSEQS: the UIDs asked, in the caller's order;
+                       observations asking each UID's modseq: the UIDs
+                       observed, in the caller's order */
     size_t n_uids;
     uint64_t since;
     uint64_t sent_ms;                  /* loop time of the last send */
@@ -234,6 +237,9 @@ static void store_fail(struct store_req *req, int err)
         break;
     case STORE_OBSERVE:
         STORE_FINISH(req, observe, err, NULL);
+        break;
+    case STORE_OBSERVE_EACH:
+        STORE_FINISH(req, observe_each, err, NULL, NULL, 0);
         break;
     case STORE_INFO:
         STORE_FINISH(req, info, err, NULL);
@@ -945,10 +951,83 @@ static void store_deliver_get(struct store_req *req, redisReply *r)
         break;
     }
     case STORE_OBSERVE:
+    case STORE_OBSERVE_EACH:
     case STORE_EXT:
         break;
     }
     free(e);
+}
+
+/* Each observed UID's modseq, from the script's per-UID blob (one u56 per
+ * distinct UID, ascending): ms[i] for req->uids[i]. Returns false if the
+ * blob does not match the UIDs sent. */
+static bool store_decode_each(const struct store_req *req, const redisReply *blob, uint64_t *ms)
+{
+    uint32_t *sorted = xmalloc((req->n_uids + 1) * sizeof(*sorted));
+    const unsigned char *b = (const unsigned char *)blob->str;
+    size_t k = 0;
+
+    memcpy(sorted, req->uids, req->n_uids * sizeof(*sorted));
+    qsort(sorted, req->n_uids, sizeof(*sorted), store_u32_cmp);
+    for (size_t i = 0; i < req->n_uids; i++) {
+        if (k == 0 || sorted[k - 1] != sorted[i])
+            sorted[k++] = sorted[i];
+    }
+    if (blob->type != REDIS_REPLY_STRING || blob->len != 7 * k) {
+        free(sorted);
+        return false;
+    }
+    for (size_t i = 0; i < req->n_uids; i++) {
+        const uint32_t *hit = bsearch(&req->uids[i], sorted, k, sizeof(*sorted), store_u32_cmp);
+
+        ms[i] = pack_get_u56(b + 7 * (size_t)(hit - sorted));
+    }
+    free(sorted);
+    return true;
+}
+
+/* An observation's reply: {modseq, highest, changed, new, gone, fresh},
+ * then the per-UID blob if it was asked for (req->uids). */
+static void store_deliver_observe(struct store_req *req, redisReply *r)
+{
+    struct store_result res;
+    uint64_t v[6];
+    uint64_t *ms = NULL;
+    size_t want = req->uids != NULL ? 7 : 6;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != want) {
+        store_fail(req, QR_ESTATE);
+        return;
+    }
+    for (size_t i = 0; i < 6; i++) {
+        if (!store_int(r->element[i], &v[i])) {
+            store_fail(req, QR_ESTATE);
+            return;
+        }
+    }
+    memset(&res, 0, sizeof(res));
+    res.modseq = v[0];
+    res.highest = v[1];
+    res.n_changed = (uint32_t)v[2];
+    res.n_new = (uint32_t)v[3];
+    res.n_gone = (uint32_t)v[4];
+    res.is_fresh = v[5] == 1;
+    if (req->uids != NULL) {
+        ms = xcalloc(req->n_uids + 1, sizeof(*ms));
+        if (!store_decode_each(req, r->element[6], ms)) {
+            free(ms);
+            store_fail(req, QR_ESTATE);
+            return;
+        }
+    }
+    if (req->kind == STORE_OBSERVE_EACH) {
+        STORE_FINISH(req, observe_each, 0, &res, ms, req->n_uids);
+    } else {
+        if (ms != NULL && req->n_uids == 1)
+            res.uid_modseq = ms[0];
+        STORE_FINISH(req, observe, 0, &res);
+    }
+    free(ms);
 }
 
 static void store_deliver(struct store_req *req, redisReply *r)
@@ -957,28 +1036,8 @@ static void store_deliver(struct store_req *req, redisReply *r)
         store_ext_finish(req, 0, r);
         return;
     }
-    if (req->kind == STORE_OBSERVE) {
-        struct store_result res;
-        uint64_t v[7];
-
-        if (r->type != REDIS_REPLY_ARRAY || r->elements != 7) {
-            store_fail(req, QR_ESTATE);
-            return;
-        }
-        for (size_t i = 0; i < 7; i++) {
-            if (!store_int(r->element[i], &v[i])) {
-                store_fail(req, QR_ESTATE);
-                return;
-            }
-        }
-        res.modseq = v[0];
-        res.highest = v[1];
-        res.n_changed = (uint32_t)v[2];
-        res.n_new = (uint32_t)v[3];
-        res.n_gone = (uint32_t)v[4];
-        res.is_fresh = v[5] == 1;
-        res.uid_modseq = v[6];
-        STORE_FINISH(req, observe, 0, &res);
+    if (req->kind == STORE_OBSERVE || req->kind == STORE_OBSERVE_EACH) {
+        store_deliver_observe(req, r);
         return;
     }
     store_deliver_get(req, r);
@@ -1237,21 +1296,44 @@ static struct store_req *store_req_new(struct store_mbox *mb, enum store_kind ki
     return req;
 }
 
+/* An observation request. With want_each, the script also returns each
+ * observed UID's modseq (7 bytes per UID), kept for the callback. */
 static int store_observe_any(struct store_mbox *mb, const struct store_obs *obs, size_t n,
-                             bool is_snapshot, store_observe_cb *cb, void *arg,
-                             struct store_req **req_out)
+                             bool is_snapshot, bool want_each, struct store_req **out)
 {
     struct pack_obs po;
     struct store_req *req;
     int rc;
 
-    if (n > STORE_MAX_OBS)
+    if (n > STORE_OBS_MAX)
         return QR_EINVAL;
     rc = pack_observation(obs, n, is_snapshot, &po);
     if (rc != 0)
         return rc;
-    req = store_req_new(mb, STORE_OBSERVE, is_snapshot ? "s" : "o", po.fsets, po.fsets_len,
-                        po.chunks, po.chunks_len, NULL, 0);
+    req =
+        store_req_new(mb, STORE_OBSERVE, is_snapshot ? "s" : "o", po.fsets, po.fsets_len, po.chunks,
+                      po.chunks_len, want_each ? xstrdup("e") : NULL, want_each ? 1 : 0);
+    if (want_each) {
+        req->uids = xmalloc((n + 1) * sizeof(*req->uids));
+        for (size_t i = 0; i < n; i++)
+            req->uids[i] = obs[i].uid;
+        req->n_uids = n;
+    }
+    *out = req;
+    return 0;
+}
+
+/* A one-message observation also gives that message's modseq
+ * (res->uid_modseq): 7 more bytes of reply, as many as an integer. */
+static int store_observe_cb_any(struct store_mbox *mb, const struct store_obs *obs, size_t n,
+                                bool is_snapshot, store_observe_cb *cb, void *arg,
+                                struct store_req **req_out)
+{
+    struct store_req *req;
+    int rc = store_observe_any(mb, obs, n, is_snapshot, n == 1, &req);
+
+    if (rc != 0)
+        return rc;
     req->cb.observe = cb;
     req->arg = arg;
     if (req_out != NULL)
@@ -1263,13 +1345,30 @@ static int store_observe_any(struct store_mbox *mb, const struct store_obs *obs,
 int store_observe(struct store_mbox *mb, const struct store_obs *obs, size_t n,
                   store_observe_cb *cb, void *arg, struct store_req **req_out)
 {
-    return store_observe_any(mb, obs, n, false, cb, arg, req_out);
+    return store_observe_cb_any(mb, obs, n, false, cb, arg, req_out);
 }
 
 int store_observe_snapshot(struct store_mbox *mb, const struct store_obs *obs, size_t n,
                            store_observe_cb *cb, void *arg, struct store_req **req_out)
 {
-    return store_observe_any(mb, obs, n, true, cb, arg, req_out);
+    return store_observe_cb_any(mb, obs, n, true, cb, arg, req_out);
+}
+
+int store_observe_each(struct store_mbox *mb, const struct store_obs *obs, size_t n,
+                       store_observe_each_cb *cb, void *arg, struct store_req **req_out)
+{
+    struct store_req *req;
+    int rc = store_observe_any(mb, obs, n, false, true, &req);
+
+    if (rc != 0)
+        return rc;
+    req->kind = STORE_OBSERVE_EACH;
+    req->cb.observe_each = cb;
+    req->arg = arg;
+    if (req_out != NULL)
+        *req_out = req;
+    store_send(req); /* at most queued in hiredis: never calls back inline */
+    return 0;
 }
 
 static char *store_num(uint64_t v, size_t *len)
@@ -1305,7 +1404,7 @@ int store_modseqs(struct store_mbox *mb, const uint32_t *uids, size_t n, store_m
     unsigned char *list;
     size_t k = 0;
 
-    if (n > STORE_MAX_OBS)
+    if (n > STORE_OBS_MAX)
         return QR_EINVAL;
     sorted = xmalloc((n + 1) * sizeof(*sorted));
     memcpy(sorted, uids, n * sizeof(*sorted));

@@ -1,7 +1,10 @@
 /* Benchmark of the state store (issue 3, point 5): a full snapshot of
  * 100 000 messages with 1% changed, diffed and stored (median of several
  * runs); round trips of a one-message observation; Redis memory per
- * message (MEMORY USAGE ... SAMPLES 0 summed over the mailbox's keys).
+ * message (MEMORY USAGE ... SAMPLES 0 summed over the mailbox's keys);
+ * the untagged FETCH lines of a `UID FETCH 1:* (FLAGS)` (every message,
+ * 1% changed) given their MODSEQs line by line (store_observe_one(), 256 in
+ * flight, as proxy/sync.c) or in batches (store_observe_each()).
  * A benchmark, not a test: it prints figures and never fails on timings.
  *
  *   state_bench TMPDIR [N_MESSAGES]
@@ -51,6 +54,154 @@ static long long bench_mem(int port, const char *key)
     return v;
 }
 
+/* 1% of the messages get other flags. */
+static void bench_change(struct store_obs *o, uint32_t n)
+{
+    for (uint32_t k = 0; k < n / 100; k++) {
+        uint32_t i = (uint32_t)rand() % n;
+        const char *f = bench_sets[(rand() % 5) + 1];
+
+        if (strcmp(f, o[i].flags) == 0)
+            f = bench_sets[0];
+        o[i].flags = f;
+        o[i].flags_len = strlen(f);
+    }
+}
+
+/* ---- FETCH lines: store_observe_one() vs store_observe_each() ---- */
+
+/* Feeds lines[0..n) to the store, `batch` lines per request (1: one
+ * store_observe_one() per line), at most `window` requests in flight. */
+struct bench_lines {
+    struct store_mbox *mb;
+    const struct store_obs *o;
+    uint32_t n, batch, window;
+    bool is_aligned; /* cut batches where a chunk of UIDs ends (pack.h) */
+    uint32_t next, inflight, done_lines;
+    uint64_t *ms; /* per line, from the callbacks */
+    bool failed;
+};
+
+/* One request's callback argument: the driver and the request's first line. */
+struct bench_req {
+    struct bench_lines *bl;
+    uint32_t first;
+};
+
+static void bench_lines_fill(struct bench_lines *bl);
+
+static void bench_on_one(void *arg, int err, const struct store_result *res)
+{
+    struct bench_req *br = arg;
+    struct bench_lines *bl = br->bl;
+    uint32_t i = br->first;
+
+    free(br);
+    bl->inflight--;
+    bl->done_lines++;
+    if (err != 0 || res->uid_modseq == 0)
+        bl->failed = true;
+    else
+        bl->ms[i] = res->uid_modseq;
+    bench_lines_fill(bl);
+}
+
+static void bench_on_each(void *arg, int err, const struct store_result *res, const uint64_t *ms,
+                          size_t n)
+{
+    struct bench_req *br = arg;
+    struct bench_lines *bl = br->bl;
+    uint32_t first = br->first;
+
+    (void)res;
+    free(br);
+    bl->inflight--;
+    bl->done_lines += (uint32_t)n;
+    if (err != 0)
+        bl->failed = true;
+    else
+        memcpy(bl->ms + first, ms, n * sizeof(*ms));
+    bench_lines_fill(bl);
+}
+
+static void bench_lines_fill(struct bench_lines *bl)
+{
+    while (!bl->failed && bl->inflight < bl->window && bl->next < bl->n) {
+        uint32_t k = bl->n - bl->next < bl->batch ? bl->n - bl->next : bl->batch;
+        struct bench_req *arg = malloc(sizeof(*arg));
+        int rc;
+
+        if (bl->is_aligned && bl->next + k < bl->n) {
+            uint32_t a = k;
+
+            while (a > 1 && bl->o[bl->next + a].uid / PACK_CHUNK_UIDS ==
+                                bl->o[bl->next + a - 1].uid / PACK_CHUNK_UIDS)
+                a--;
+            if (a > 1)
+                k = a;
+        }
+
+        arg->bl = bl;
+        arg->first = bl->next;
+        if (bl->batch == 1)
+            rc = store_observe_one(bl->mb, bl->o[bl->next].uid, bl->o[bl->next].flags,
+                                   bl->o[bl->next].flags_len, bench_on_one, arg, NULL);
+        else
+            rc = store_observe_each(bl->mb, bl->o + bl->next, k, bench_on_each, arg, NULL);
+        if (rc != 0) {
+            free(arg);
+            bl->failed = true;
+            return;
+        }
+        bl->inflight++;
+        bl->next += k;
+    }
+}
+
+struct bench_fig {
+    uint64_t us, commands;
+    long long redis_us;
+};
+
+/* 1% of the lines get other flags, then all n lines go through the store.
+ * Returns false on an error or a line left without a modseq. */
+struct bench_way {
+    uint32_t batch, window;
+    bool is_aligned;
+    const char *label;
+};
+
+static bool bench_lines_run(struct store *st, struct store_mbox *mb, int port, struct store_obs *o,
+                            uint32_t n, const struct bench_way *way, struct bench_fig *fig)
+{
+    struct bench_lines bl = {.mb = mb,
+                             .o = o,
+                             .n = n,
+                             .batch = way->batch,
+                             .window = way->window,
+                             .is_aligned = way->is_aligned};
+    struct store_stats s0, s1;
+    long long lua0;
+    uint64_t t0;
+
+    bench_change(o, n);
+    bl.ms = calloc(n + 1, sizeof(*bl.ms));
+    store_get_stats(st, &s0);
+    lua0 = bench_script_us(port);
+    t0 = clock_now_us();
+    bench_lines_fill(&bl);
+    while (!bl.failed && bl.done_lines < n)
+        uv_run(it_loop, UV_RUN_ONCE); /* the store's tick keeps it from blocking */
+    fig->us = clock_now_us() - t0;
+    store_get_stats(st, &s1);
+    fig->commands = s1.commands - s0.commands;
+    fig->redis_us = bench_script_us(port) - lua0;
+    for (uint32_t i = 0; i < n && !bl.failed; i++)
+        bl.failed = bl.ms[i] == 0;
+    free(bl.ms);
+    return !bl.failed;
+}
+
 int main(int argc, char **argv)
 {
     struct it_srv srv;
@@ -95,16 +246,7 @@ int main(int argc, char **argv)
         uint64_t t0;
         long long lua0;
 
-        /* 1% of the messages get other flags. */
-        for (uint32_t k = 0; k < n / 100; k++) {
-            uint32_t i = (uint32_t)rand() % n;
-            const char *f = bench_sets[(rand() % 5) + 1];
-
-            if (strcmp(f, o[i].flags) == 0)
-                f = bench_sets[0];
-            o[i].flags = f;
-            o[i].flags_len = strlen(f);
-        }
+        bench_change(o, n);
         {
             /* Where the time goes: the proxy's packing alone, and the
              * script's run inside Redis; the rest is transfer and decoding. */
@@ -142,6 +284,26 @@ int main(int argc, char **argv)
         t_one[r] = clock_now_us() - t0;
         store_get_stats(st, &s1);
     }
+    /* FETCH lines, median of LRUNS each. */
+    enum { LRUNS = 3, LWAYS = 6 };
+    static const struct bench_way ways[LWAYS] = {
+        {1, 256, false, "store_observe_one, 256 in flight:"},
+        {256, 1, false, "each x256, 1 in flight:"},
+        {256, 4, false, "each x256, 4 in flight:"},
+        {256, 1, true, "each x<=256 cut at chunks, 1 in flight:"},
+        {1024, 1, false, "each x1024, 1 in flight:"},
+        {1024, 1, true, "each x<=1024 cut at chunks, 1 in flight:"},
+    };
+    struct bench_fig lf[LWAYS][LRUNS];
+
+    for (int r = 0; r < LRUNS; r++) {
+        for (int w = 0; w < LWAYS; w++) {
+            if (!bench_lines_run(st, mb, srv.port, o, n, &ways[w], &lf[w][r])) {
+                fprintf(stderr, "state bench: fetch lines failed (%s)\n", ways[w].label);
+                return 1;
+            }
+        }
+    }
     for (int r = 0; r < RUNS; r++) {
         struct store_info info;
         uint64_t t0 = clock_now_us();
@@ -174,6 +336,21 @@ int main(int argc, char **argv)
            (double)t_info[RUNS / 2] / 1000);
     printf("  redis memory: state %lld B + history %lld B = %.2f B/message\n", mem_s, mem_x,
            (double)(mem_s + mem_x) / n);
+    printf("  %u FETCH lines (UID FETCH 1:* (FLAGS), 1%% changed), median of %d:\n", n, LRUNS);
+    for (int w = 0; w < LWAYS; w++) {
+        struct bench_fig *f = lf[w];
+
+        for (int a = 1; a < LRUNS; a++) /* insertion sort on wall time */
+            for (int b = a; b > 0 && f[b].us < f[b - 1].us; b--) {
+                struct bench_fig x = f[b];
+
+                f[b] = f[b - 1];
+                f[b - 1] = x;
+            }
+        printf("    %-42s %8.1f ms wall, %6llu round trips, script in Redis %7.1f ms\n",
+               ways[w].label, (double)f[LRUNS / 2].us / 1000,
+               (unsigned long long)f[LRUNS / 2].commands, (double)f[LRUNS / 2].redis_us / 1000);
+    }
     fflush(stdout);
     free(o);
     store_mbox_free(&mb);

@@ -167,7 +167,8 @@ class Target:
     def new_proxy(self):
         """One qresyncd process on this target's Redis database; without
         --condstore for a transparent target."""
-        args = [] if self.transparent else ["--condstore"]
+        # Scripted sessions: no polling, nothing unasked-for.
+        args = ["--poll-interval", "0"] + ([] if self.transparent else ["--condstore"])
         return pb.Proxy(*args, "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
                         upstream=self.upstream)
 

@@ -30,7 +30,9 @@ def proxy(up="dovecot", *args, db=None):
     # status.py 2 and 3); a test may ask for another.
     if db is None:
         db = DB[up]
-    return pb.offering(pb.Proxy("--condstore", "--redis",
+    # No polling (issue 7, tests/integration/sync.py): these tests expect
+    # nothing the client did not ask for.
+    return pb.offering(pb.Proxy("--condstore", "--poll-interval", "0", "--redis",
                                 "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
                                 upstream=UPSTREAMS[up]))
 
@@ -70,6 +72,15 @@ def new_mailbox(up, n=8, flagged=()):
         ok(d.until_tag("a%d" % i)[0], "a%d" % i)
     d.cmd("z", "LOGOUT")
     return name
+
+
+def append(d, mbox, subject):
+    """APPEND one small message over the direct connection d."""
+    body = ("From: t@example.org\r\nSubject: %s\r\n\r\n%s\r\n" % (subject, subject)).encode()
+    d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
+    d.line()
+    d.send(body + b"\r\n")
+    ok(d.until_tag("a")[0], "a")
 
 
 def truth(up, mbox):
@@ -138,6 +149,15 @@ def vanished_earlier(lines):
     return out
 
 
+def vanished_live(lines):
+    """UIDs in VANISHED lines without EARLIER."""
+    out = set()
+    for l in lines:
+        if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
+            out |= uidset(l.split(b" ")[2])
+    return out
+
+
 def fetches(lines):
     """{uid: (seq, flags, modseq)} of the FETCH lines."""
     out = {}
@@ -185,6 +205,13 @@ both = SUITE.both(UPSTREAMS)
 def session(p):
     c = pb.Client(p.port)
     c.login()
+    return c
+
+
+def qsession(p):
+    """A logged-in client of p with QRESYNC enabled."""
+    c = session(p)
+    ok(c.cmd("e", "ENABLE QRESYNC"), "e")
     return c
 
 
@@ -257,8 +284,7 @@ def qr30_x9_qresync_select_without_enable_is_bad_and_nothing_changes(up):
 def qr31_invalid_qresync_parameters_are_bad_e5_e14_uidvalidity_0_is_a_mismatch_x3(up):
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         for bad in ("(QRESYNC (1 2 1:*))", "(QRESYNC (1))", "(QRESYNC (x 1))",
                     "(QRESYNC (1 1) QRESYNC (1 1))", "(QRESYNC (1 1 1:5 (1:2 *)))",
                     "(QRESYNC (1 99999999999999999999))", "(QRESYNC 1 1)"):
@@ -278,8 +304,7 @@ def qr31_invalid_qresync_parameters_are_bad_e5_e14_uidvalidity_0_is_a_mismatch_x
 def qr33_uidvalidity_mismatch_gives_a_plain_condstore_select(up):
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("s", "SELECT INBOX (QRESYNC (12345 1 1:100))"), "s")
         assert highest(lines) is not None
         assert not any(b"VANISHED" in l for l in lines) and not fetches(lines), lines
@@ -292,8 +317,7 @@ def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
     mbox = new_mailbox(up, 10, flagged=(2,))
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         assert cache.highest and sorted(cache.msgs) == list(range(1, 11))
         c.cmd("z", "LOGOUT")
@@ -302,13 +326,8 @@ def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
         oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)", "UID STORE 2 -FLAGS (\\Flagged)",
             "UID STORE 3,10 +FLAGS (\\Deleted)", "EXPUNGE")
         d = direct(up)
-        body = b"From: t@example.org\r\nSubject: new\r\n\r\nnew\r\n"
-        d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
-        d.line()
-        d.send(body + b"\r\n")
-        ok(d.until_tag("a")[0], "a")
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        append(d, mbox, "new")
+        c = qsession(p)
         lines = cache.resync(c, "r", mbox)
         # QR-36: HIGHESTMODSEQ, then VANISHED (EARLIER), then FETCH, then OK.
         kinds = []
@@ -333,8 +352,7 @@ def qr35_qr36_qr21_resync_after_out_of_band_flags_expunges_and_new_mail(up):
             got = ok(c.cmd("q%d" % seq, "FETCH %d (UID)" % seq), "q%d" % seq)
             assert b"UID %d" % uid in got[0], (uid, seq, got)
         # Nothing changed since: an empty resync (QR-35).
-        c2 = session(p)
-        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        c2 = qsession(p)
         lines = cache.resync(c2, "r2", mbox)
         assert not vanished_earlier(lines) and not fetches(lines), lines
     finally:
@@ -346,14 +364,12 @@ def qr35_known_uids_restrict_the_answer(up):
     mbox = new_mailbox(up, 8)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         c.cmd("z", "LOGOUT")
         oob(up, mbox, "UID STORE 2,6 +FLAGS (\\Seen)", "UID STORE 3,7 +FLAGS (\\Deleted)",
             "EXPUNGE")
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d 1:4))" %
                          (mbox, cache.uidvalidity, cache.highest)), "r")
         assert vanished_earlier(lines) == {3}, lines
@@ -368,15 +384,13 @@ def inv4_qr22_qr38_redis_flushed_between_sessions_client_still_ends_exact(up):
     p = proxy(up)
     db = DB[up]
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         c.cmd("z", "LOGOUT")
         oob(up, mbox, "UID STORE 5 +FLAGS (\\Answered)", "UID STORE 6,10 +FLAGS (\\Deleted)",
             "EXPUNGE")
         assert "OK" in redis(db, "FLUSHDB")
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = cache.resync(c, "r", mbox)
         t = truth(up, mbox)
         assert {6, 10} <= vanished_earlier(lines), lines
@@ -394,14 +408,12 @@ def qr37_sequence_match_data_narrows_computed_vanished(up):
     p = proxy(up)
     db = DB[up]
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         cache = Cache(c, "s", mbox)
         c.cmd("z", "LOGOUT")
         oob(up, mbox, "UID STORE 8 +FLAGS (\\Deleted)", "EXPUNGE")
         redis(db, "FLUSHDB")  # the computed path (QR-22)
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         # Messages 1..7 still have UIDs 1..7: the pairs (5,5) and (7,7)
         # match, so nothing at or below 7 is named (QR-37).
         lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d 1:10 (5,7 5,7)))" %
@@ -421,24 +433,19 @@ def qr40_qr45_expunge_answers_vanished_and_tagged_highestmodseq(up):
     mbox = new_mailbox(up, 6)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
         ok(c.cmd("d", "UID STORE 2,4,5 +FLAGS.SILENT (\\Deleted)"), "d")
         lines = ok(c.cmd("x", "EXPUNGE"), "x")
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
-        van = set()
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_live(lines)
         assert van == {2, 4, 5}, lines
         h1 = highest([lines[-1]])
         assert h1 is not None and h1 > h0, ("QR-45: tagged HIGHESTMODSEQ", lines)
         # The map followed: message 2 is now UID 3.
         assert b"UID 3" in ok(c.cmd("f", "FETCH 2 (UID)"), "f")[0]
         # A later resync from h0 names them (QR-10: recorded with a modseq).
-        c2 = session(p)
-        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        c2 = qsession(p)
         uv = uidvalidity(c.cmd("u", "NOOP")) or None
         lines = ok(c2.cmd("r", "SELECT %s (QRESYNC (%d %d))" %
                           (mbox, uidvalidity(ok(c2.cmd("q", "EXAMINE %s" % mbox), "q")), h0)),
@@ -454,15 +461,10 @@ def qr40_expunge_by_another_session_reaches_noop_as_vanished_qr41_new_mail(up):
     mbox = new_mailbox(up, 5)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         ok(c.cmd("s", "SELECT %s" % mbox), "s")
         d = direct(up)
-        body = b"From: t@example.org\r\nSubject: late\r\n\r\nlate\r\n"
-        d.send("a APPEND %s {%d}\r\n" % (mbox, len(body)))
-        d.line()
-        d.send(body + b"\r\n")
-        ok(d.until_tag("a")[0], "a")
+        append(d, mbox, "late")
         lines = ok(c.cmd("n1", "NOOP"), "n1")
         assert any(l.endswith(b"EXISTS") for l in lines), lines
         ok(c.cmd("n2", "NOOP"), "n2")  # the new message's UID is looked up
@@ -477,12 +479,8 @@ def qr40_expunge_by_another_session_reaches_noop_as_vanished_qr41_new_mail(up):
                 break
             time.sleep(0.5)
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in got), got
-        van = set()
-        for l in got:
-            if l.startswith(b"* VANISHED "):
-                assert b"EARLIER" not in l, "QR-43"
-                van |= uidset(l.split(b" ")[2])
-        assert van == {2, 6}, got
+        assert not vanished_earlier(got), "QR-43: live ones only"
+        assert vanished_live(got) == {2, 6}, got
     finally:
         p.stop()
 
@@ -492,15 +490,13 @@ def qr21_x5_uid_fetch_changedsince_vanished_lists_expunged_before_fetch(up):
     mbox = new_mailbox(up, 8)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
         oob(up, mbox, "UID STORE 2 +FLAGS (\\Seen)", "UID STORE 5,8 +FLAGS (\\Deleted)",
             "EXPUNGE")
         # A second session through the proxy sees the expunges first: they
         # are in the history when the first one asks (QR-21's own path).
-        c2 = session(p)
-        ok(c2.cmd("e", "ENABLE QRESYNC"), "e")
+        c2 = qsession(p)
         ok(c2.cmd("s", "EXAMINE %s" % mbox), "s")
         lines = ok(c.cmd("f", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h0), "f")
         vi = [i for i, l in enumerate(lines) if l.startswith(b"* VANISHED (EARLIER)")]
@@ -513,10 +509,7 @@ def qr21_x5_uid_fetch_changedsince_vanished_lists_expunged_before_fetch(up):
         oob(up, mbox, "UID STORE 3 +FLAGS (\\Deleted)", "EXPUNGE")
         h1 = highest(lines)
         lines = ok(c.cmd("g", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h1), "g")
-        van = vanished_earlier(lines)
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_earlier(lines) | vanished_live(lines)
         assert van == {3}, lines
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
         assert not (van & set(truth(up, mbox))), lines
@@ -574,8 +567,7 @@ def qr47_close_has_no_code_and_later_resync_names_the_removed(up):
     mbox = new_mailbox(up, 5)
     p = proxy(up)
     try:
-        c = session(p)
-        ok(c.cmd("e", "ENABLE QRESYNC"), "e")
+        c = qsession(p)
         lines = ok(c.cmd("s", "SELECT %s" % mbox), "s")
         h0, uv = highest(lines), uidvalidity(lines)
         ok(c.cmd("d", "UID STORE 3 +FLAGS.SILENT (\\Deleted)"), "d")
@@ -647,6 +639,297 @@ def qr42_cs66_expunge_found_during_a_numbered_command_is_held_and_numbers_stay(u
             c.cmd("z", "LOGOUT")
         finally:
             p.stop()
+
+
+@both
+def cs32_qr34_e6_mailbox_over_max_tracked_messages_is_nomodseq(up):
+    mbox = new_mailbox(up, 6)
+    p = proxy(up, "--max-tracked-messages", "5")
+    try:
+        c = qsession(p)
+        lines = ok(c.cmd("s", "SELECT %s (QRESYNC (1 1 1:100))" % mbox), "s")
+        assert any(l.startswith(b"* OK [NOMODSEQ] ") for l in lines), lines
+        assert highest(lines) is None and not fetches(lines), lines
+        assert not any(b"VANISHED" in l for l in lines), "QR-34: the parameter is ignored"
+        for tag, cmd in (("f", "FETCH 1:* (FLAGS) (CHANGEDSINCE 1)"),
+                         ("q", "SEARCH MODSEQ 1"),
+                         ("t", "STORE 1 (UNCHANGEDSINCE 1) +FLAGS (\\Seen)")):
+            lines = c.cmd(tag, cmd)
+            assert lines[-1].startswith(tag.encode() + b" BAD"), ("E6", lines)
+        # A smaller mailbox in the same session is tracked.
+        small = new_mailbox(up, 3)
+        assert highest(ok(c.cmd("s2", "SELECT %s" % small), "s2")) is not None
+    finally:
+        p.stop()
+
+
+def snapshots_by_session(p):
+    """{sid: number of flag snapshots it sent upstream} from the log."""
+    out = {}
+    for l in p.read_log().splitlines():
+        m = re.search(r'event=command\.internal sid=(\w+) cmd="FETCH 1:\* \(UID FLAGS\)"', l)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
+
+
+@both
+def snapshot_freshness_reuses_a_young_complete_snapshot_and_not_a_stale_view(up):
+    """Issue 5 point 3: a snapshot younger than snapshot-freshness (any
+    session's) stands for a new one, for a SELECT and before a mod-sequence
+    question; a mailbox that gained or lost messages since is snapshotted
+    again (the reused UID list must be the mailbox's, inv. 4)."""
+    mbox = new_mailbox(up, 6)
+    p = proxy(up, "--snapshot-freshness", "60")
+    try:
+        a = qsession(p)
+        sel = ok(a.cmd("s", "SELECT %s" % mbox), "s")
+        ha, uv = highest(sel), uidvalidity(sel)
+        assert len(snapshots_by_session(p)) == 1, snapshots_by_session(p)
+        b = qsession(p)
+        lines = ok(b.cmd("s", "SELECT %s" % mbox), "s")
+        assert highest(lines) == ha, lines
+        assert len(snapshots_by_session(p)) == 1, ("B reused A's", snapshots_by_session(p))
+        assert "for=select" in p.read_log()
+        # B's map is right: message 4 is UID 4; a question uses the store.
+        assert b"UID 4" in ok(b.cmd("f", "FETCH 4 (UID)"), "f")[0]
+        lines = ok(b.cmd("c", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % ha), "c")
+        assert not fetches(lines), lines
+        assert "for=refresh" in p.read_log()
+        assert sum(snapshots_by_session(p).values()) == 1
+        # New mail: the reused list would be wrong; C takes its own.
+        d = direct(up)
+        append(d, mbox, "new")
+        c = qsession(p)
+        lines = ok(c.cmd("s", "SELECT %s (QRESYNC (%d %d))" % (mbox, uv, ha)), "s")
+        assert sum(snapshots_by_session(p).values()) == 2, snapshots_by_session(p)
+        assert 7 in fetches(lines), ("the new message", lines)
+    finally:
+        p.stop()
+
+
+@both
+def gen04_long_computed_sets_are_split_under_upstream_max_line(up):
+    """GEN-04: the sets the proxy computes (CHANGEDSINCE subset, the pass
+    set of a conditional STORE, MODSEQ keys of SEARCH) go to the upstream in
+    lines of its own making; Courier drops the connection on a line over
+    ~16 KiB. With upstream-max-line 1k they go as several commands (or a
+    shorter complement, or NO [LIMIT]) and the client gets one right answer
+    on a session that lives on."""
+    mbox = new_mailbox(up, 600)
+    p = proxy(up, "--upstream-max-line", "1k")
+    odd = ",".join(str(u) for u in range(1, 601, 2))
+    try:
+        c = qsession(p)
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        # A scattered conditional STORE, nothing changed: the pass set is
+        # the client's 300 UIDs (1.2 KB): split.
+        lines = ok(c.cmd("t", "UID STORE %s (UNCHANGEDSINCE %d) +FLAGS.SILENT (\\Answered)"
+                         % (odd, h0)), "t")
+        assert b"MODIFIED" not in lines[-1], lines[-1]
+        assert re.search(r'cmd="UID STORE [0-9,]{20,}', p.read_log()), "split into parts"
+        t = truth(up, mbox)
+        assert all((b"\\Answered" in t[u]) == (u % 2 == 1) for u in t), "exactly the odd ones"
+        # Every message changed out of band; a scattered CHANGEDSINCE.
+        oob(up, mbox, "UID STORE 1:600 +FLAGS (\\Flagged)")
+        h1 = max(m for _, _, m in fetches(lines).values()) if fetches(lines) else h0
+        lines = ok(c.cmd("f", "UID FETCH %s (FLAGS) (CHANGEDSINCE %d)" % (odd, h1)), "f")
+        f = fetches(lines)
+        assert set(range(1, 601, 2)) <= set(f), sorted(set(range(1, 601, 2)) - set(f))[:10]
+        assert all(b"\\Flagged" in fl for _, fl, _ in f.values())
+        assert re.search(r'cmd="UID FETCH [0-9,]{20,}', p.read_log()), "split into parts"
+        # SEARCH MODSEQ: a right answer or NO [LIMIT], never a lost session.
+        lines = c.cmd("q", "UID SEARCH MODSEQ %d" % (h1 + 1))
+        assert lines[-1].startswith(b"q NO [LIMIT]") or lines[-1].startswith(b"q OK"), lines
+        ok(c.cmd("z", "NOOP"), "z")
+    finally:
+        p.stop()
+
+
+@both
+def issue7_virtual_idle_pushes_out_of_band_changes_and_done_ends_it_once(up):
+    """Issue 7 point 2: an idling QRESYNC client hears of a flag change,
+    an expunge and new mail made behind the proxy within poll-interval
+    (1 s here) + 2 s, with UID/MODSEQ/VANISHED; its DONE, even while the
+    proxy's own DONE/NOOP/IDLE run, ends its IDLE with one tagged OK."""
+    mbox = new_mailbox(up, 5)
+    p = proxy(up, "--poll-interval", "1")
+    try:
+        c = qsession(p)
+        h = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        c.send("i IDLE\r\n")
+        assert c.line().startswith(b"+"), "the client's continuation"
+        oob(up, mbox, "UID STORE 2 +FLAGS (\\Flagged)", "UID STORE 4 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        append(direct(up), mbox, "late")
+        got, t0 = [], time.time()
+        c.s.settimeout(1)
+        while time.time() - t0 < 3 + 2 and not (
+                any(b"UID 2 " in l for l in got) and b"* VANISHED 4" in got and
+                any(l.endswith(b"EXISTS") for l in got)):
+            try:
+                got.append(c.line())
+            except OSError:
+                pass
+        f = fetches(got)
+        assert 2 in f and b"\\Flagged" in f[2][1] and f[2][2] > h, got
+        assert b"* VANISHED 4" in got and any(l == b"* 5 EXISTS" for l in got), got
+        assert not any(l.startswith(b"+") or l.startswith(b"i ") for l in got), got
+        # DONE at once and a bit later: one tagged OK each time.
+        c.s.settimeout(15)
+        for wait in (0.0, 0.4, 0.9, 1.05):
+            time.sleep(wait)
+            c.send("DONE\r\n")
+            lines = c.until_tag("i")[0]
+            assert sum(1 for l in lines if l.startswith(b"i ")) == 1, lines
+            assert lines[-1].startswith(b"i OK"), lines
+            assert not any(l.startswith(b"+") for l in lines), lines
+            c.send("i IDLE\r\n")
+            assert c.line().startswith(b"+")
+            time.sleep(1.0 + wait)
+        c.send("DONE\r\n")
+        ok(c.until_tag("i")[0], "i")
+        ok(c.cmd("n", "NOOP"), "n")
+        assert re.search(r"cmd=DONE", p.read_log()), "the proxy polled"
+    finally:
+        p.stop()
+
+
+@both
+def issue7_one_snapshotter_per_mailbox_across_processes(up):
+    """Issue 7 point 3: sessions of two processes selecting the same
+    mailbox at once: the SNAPSHOT lease lets one snapshot it, the other
+    waits and reuses it (snapshot-freshness); both report the same
+    HIGHESTMODSEQ."""
+    mbox = new_mailbox(up, 200)
+    ps = [proxy(up, "--snapshot-freshness", "60") for _ in range(3)]
+    try:
+        cs = [qsession(p) for p in ps]
+        for c in cs:
+            c.send("s SELECT %s\r\n" % mbox)
+        hs = [highest(ok(c.until_tag("s")[0], "s")) for c in cs]
+        assert len(set(hs)) == 1 and hs[0], hs
+        n = sum(sum(snapshots_by_session(p).values()) for p in ps)
+        assert n == 1, ("one snapshot in all", [snapshots_by_session(p) for p in ps])
+    finally:
+        for p in ps:
+            p.stop()
+
+
+@both
+def inv7_authenticate_login_identity_keys_the_state(up):
+    """DESIGN inv. 7: a session that logged in with AUTHENTICATE LOGIN (the
+    user name is its first SASL response) is keyed by that user like a
+    LOGIN one, so it gets mod-sequences, not NOMODSEQ."""
+    import base64
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.send("l AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+")
+        c.send(base64.b64encode(pb.USER.encode()).decode() + "\r\n")
+        assert c.line().startswith(b"+")
+        c.send(base64.b64encode(pb.PASS.encode()).decode() + "\r\n")
+        ok(c.until_tag("l")[0], "l")
+        lines = ok(c.cmd("s", "SELECT INBOX (CONDSTORE)"), "s")
+        assert highest(lines) is not None, lines
+        assert pb.PASS not in p.read_log(), "never logged"
+    finally:
+        p.stop()
+
+
+# ---- RFC 7162 examples as vectors (spec/EXAMPLES.md), on meaning
+
+
+@both
+def example_q_a03_q_sel6_known_uids_bound_what_is_told_and_closed_comes_first(up):
+    """Q-A03 / Q-SEL6 shape: a reconnect that knows UIDs 1:8 of 10 after
+    changes inside and outside that set: `* OK [CLOSED]` first (a mailbox
+    was selected), then HIGHESTMODSEQ, one VANISHED (EARLIER) for the known
+    set only, FETCH only for changed known messages; nothing about 9-10."""
+    mbox = new_mailbox(up, 10)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        cache = Cache(c, "s", mbox)
+        oob(up, mbox, "UID STORE 3,9 +FLAGS (\\Answered)", "UID STORE 2,10 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        c2 = qsession(p)
+        ok(c2.cmd("x", "EXAMINE INBOX"), "x")
+        lines = ok(c2.cmd("r", "SELECT %s (QRESYNC (%d %d 1:8))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "r")
+        assert lines[0].startswith(b"* OK [CLOSED]"), lines
+        assert [l for l in lines if l.startswith(b"* VANISHED")] == [b"* VANISHED (EARLIER) 2"], lines
+        assert set(fetches(lines)) == {3}, lines
+    finally:
+        p.stop()
+
+
+@both
+def example_q_b04_matching_sequence_data_leaves_no_vanished(up):
+    """Q-A04 / Q-B04 shape, without history (Redis flushed): every
+    sequence-match pair matches, so no VANISHED line at all; without the
+    pairs the computed VANISHED names only UIDs that are not live."""
+    mbox = new_mailbox(up, 9)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        cache = Cache(c, "s", mbox)
+        oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)")
+        redis(DB[up], "FLUSHDB")
+        c2 = qsession(p)
+        lines = ok(c2.cmd("a", "SELECT %s (QRESYNC (%d %d 1:9))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "a")
+        assert not (vanished_earlier(lines) & set(range(1, 10))), lines
+        lines = ok(c2.cmd("b", "SELECT %s (QRESYNC (%d %d 1:9 (3,6,9 3,6,9)))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "b")
+        assert not any(l.startswith(b"* VANISHED") for l in lines), lines
+        assert 4 in fetches(lines), "QR-38: after the flush every message's flags"
+    finally:
+        p.stop()
+
+
+@both
+def example_q_vf2_vanished_modifier_names_only_the_requested_set(up):
+    """Q-VF2 shape: `UID FETCH 3:6 (FLAGS) (CHANGEDSINCE m VANISHED)` names
+    the set's expunged UIDs before the FETCH lines, none outside it."""
+    mbox = new_mailbox(up, 8)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        oob(up, mbox, "UID STORE 2,4 +FLAGS (\\Deleted)", "UID STORE 5,7 +FLAGS (\\Seen)",
+            "EXPUNGE")
+        c2 = qsession(p)
+        ok(c2.cmd("x", "EXAMINE %s" % mbox), "x")  # the history gets them
+        lines = ok(c.cmd("f", "UID FETCH 3:6 (FLAGS) (CHANGEDSINCE %d VANISHED)" % h0), "f")
+        assert vanished_earlier(lines) == {4}, lines
+        # The refresh's NOOP may tell of 7 too (unsolicited, it changed).
+        assert set(fetches(lines)) - {7} <= {3, 5, 6} and 5 in fetches(lines), lines
+    finally:
+        p.stop()
+
+
+@both
+def example_q_uidexp_qr46_uid_expunge_under_qresync(up):
+    """Q-UIDEXP with QRESYNC enabled: `UID EXPUNGE 3:4` gives VANISHED 3:4
+    (never EXPUNGE) and a tagged OK [HIGHESTMODSEQ n] (QR-46)."""
+    mbox = new_mailbox(up, 6)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        caps = b" ".join(c.cmd("c", "CAPABILITY")).upper().split()
+        if b"UIDPLUS" not in caps:
+            raise AssertionError("the upstream offers no UIDPLUS: test not applicable")
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        ok(c.cmd("d", "UID STORE 3:5 +FLAGS.SILENT (\\Deleted)"), "d")
+        lines = ok(c.cmd("x", "UID EXPUNGE 3:4"), "x")
+        van = vanished_live(lines)
+        assert van == {3, 4}, lines
+        assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
+        assert highest([lines[-1]]) is not None and highest([lines[-1]]) > h0, lines[-1]
+    finally:
+        p.stop()
 
 
 @test

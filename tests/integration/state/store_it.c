@@ -1096,6 +1096,367 @@ struct it_test {
     bool (*fn)(void);
 };
 
+/* ---- store_observe_each(): one round trip, each line's MODSEQ ---- */
+
+/* Checks ms[0..n) against what store_modseqs() reports now. */
+static bool each_matches_stored(struct store_mbox *mb, const struct store_obs *o, size_t n,
+                                const uint64_t *ms)
+{
+    uint32_t *uids = calloc(n + 1, sizeof(*uids));
+    uint64_t *st_ms = calloc(n + 1, sizeof(*st_ms));
+    bool ok = true;
+
+    for (size_t i = 0; i < n; i++)
+        uids[i] = o[i].uid;
+    IT_CHECK(it_modseqs(mb, uids, n, st_ms) == 0, "modseqs");
+    for (size_t i = 0; i < n && ok; i++) {
+        if (ms[i] != st_ms[i]) {
+            snprintf(it_failmsg, sizeof(it_failmsg), "uid %u: each %llu, stored %llu", o[i].uid,
+                     (unsigned long long)ms[i], (unsigned long long)st_ms[i]);
+            fprintf(stderr, "  check failed: %s\n", it_failmsg);
+            ok = false;
+        }
+    }
+    free(uids);
+    free(st_ms);
+    return ok;
+}
+
+/* Unchanged, changed, new and gone UIDs in one batch, over chunks taking the
+ * script's fast path (a chunk's stored UIDs exactly: unchanged, and flag
+ * changes) and its slow path (new and gone UIDs, a partial chunk). */
+static bool t_each_mix(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res, res2;
+    struct store_stats s0, s1;
+    struct store_obs *o = it_make(1, 700, 1, 0); /* chunks 0, 1, 2 */
+    struct store_obs b[700];
+    uint64_t ms[700], ms2[700], m1, m2;
+    size_t n = 0;
+    enum { UNCH1, UNCH2, CHG, NEW, GONE, GONE_UNKNOWN } kind[700];
+
+    IT_CHECK(store_mbox_new(st, "each", 4, "INBOX", 5, 3, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 700, true, &res) == 0 && res.n_new == 700, "snapshot");
+    m1 = res.modseq;
+    /* Some UIDs get a second modseq: stored modseqs differ in each chunk. */
+    {
+        struct store_obs p[4] = {{.uid = 3, .flags = "$A", .flags_len = 2},
+                                 {.uid = 300, .flags = "$A", .flags_len = 2},
+                                 {.uid = 600, .flags = "$A", .flags_len = 2},
+                                 {.uid = 100, .is_gone = true}};
+
+        IT_CHECK(it_observe(mb, p, 4, false, &res) == 0 && res.n_changed == 3 && res.n_gone == 1,
+                 "second");
+        m2 = res.modseq;
+        o[2] = p[0];
+        o[299] = p[1];
+        o[599] = p[2];
+    }
+    /* Chunk 0 (slow path): UIDs 1..40 some changed, 41..45 gone, and a gone
+     * UID never stored; the rest of chunk 0 not mentioned. */
+    for (uint32_t u = 1; u <= 45; u++, n++) {
+        b[n] = o[u - 1];
+        kind[n] = u == 3 ? UNCH2 : UNCH1;
+        if (u >= 41) {
+            b[n].is_gone = true;
+            kind[n] = GONE;
+        } else if (u % 5 == 0) {
+            b[n].flags = "\\Flagged";
+            b[n].flags_len = 8;
+            kind[n] = CHG;
+        }
+    }
+    /* UID 100 again: new in a stored chunk. */
+    b[n] = (struct store_obs){.uid = 100, .flags = "$New", .flags_len = 4};
+    kind[n++] = NEW;
+    /* Chunk 1 (256..511), every stored UID, some flags changed: fast path. */
+    for (uint32_t u = 256; u <= 511; u++, n++) {
+        b[n] = o[u - 1];
+        kind[n] = u == 300 ? UNCH2 : UNCH1;
+        if (u % 7 == 0) {
+            b[n].flags = "\\Seen \\Flagged $X";
+            b[n].flags_len = 17;
+            kind[n] = CHG;
+        }
+    }
+    /* Chunk 2 (512..700) every stored UID unchanged: fast path, no change. */
+    for (uint32_t u = 512; u <= 700; u++, n++) {
+        b[n] = o[u - 1];
+        kind[n] = u == 600 ? UNCH2 : UNCH1;
+    }
+    /* New UIDs in new chunks, and a gone UID never stored. */
+    b[n] = (struct store_obs){.uid = 800, .flags = "\\Seen", .flags_len = 5};
+    kind[n++] = NEW;
+    b[n] = (struct store_obs){.uid = 90000, .flags = "", .flags_len = 0};
+    kind[n++] = NEW;
+    b[n] = (struct store_obs){.uid = 5000, .is_gone = true};
+    kind[n++] = GONE_UNKNOWN;
+    store_get_stats(st, &s0);
+    IT_CHECK(it_observe_each(mb, b, n, &res, ms) == 0, "each");
+    store_get_stats(st, &s1);
+    IT_CHECK(s1.commands - s0.commands == 1, "one round trip: %llu",
+             (unsigned long long)(s1.commands - s0.commands));
+    IT_CHECK(res.modseq > m2 && res.highest == res.modseq && res.n_new == 3 && res.n_gone == 5 &&
+                 res.n_changed == 8 + 37,
+             "counts: modseq %llu chg %u new %u gone %u", (unsigned long long)res.modseq,
+             res.n_changed, res.n_new, res.n_gone);
+    for (size_t i = 0; i < n; i++) {
+        uint64_t want = kind[i] == UNCH1                   ? m1
+                        : kind[i] == UNCH2                 ? m2
+                        : kind[i] == CHG || kind[i] == NEW ? res.modseq
+                                                           : 0;
+
+        IT_CHECK(ms[i] == want, "entry %zu uid %u kind %d: %llu want %llu", i, b[i].uid,
+                 (int)kind[i], (unsigned long long)ms[i], (unsigned long long)want);
+    }
+    IT_CHECK(each_matches_stored(mb, b, n, ms), "equal to store_modseqs()");
+    /* DESIGN inv. 3: the same batch again changes nothing, same modseqs. */
+    IT_CHECK(it_observe_each(mb, b, n, &res2, ms2) == 0, "again");
+    IT_CHECK(res2.modseq == 0 && res2.highest == res.highest && res2.n_changed == 0 &&
+                 res2.n_new == 0 && res2.n_gone == 0,
+             "idempotent: modseq %llu", (unsigned long long)res2.modseq);
+    IT_CHECK(memcmp(ms, ms2, n * sizeof(*ms)) == 0, "same modseqs");
+    /* The caller's order, not UID order: reversed batch, same answers. */
+    {
+        struct store_obs rb[700];
+        uint64_t rms[700];
+
+        for (size_t i = 0; i < n; i++)
+            rb[i] = b[n - 1 - i];
+        IT_CHECK(it_observe_each(mb, rb, n, &res2, rms) == 0 && res2.modseq == 0, "reversed");
+        for (size_t i = 0; i < n; i++)
+            IT_CHECK(rms[i] == ms[n - 1 - i], "reversed entry %zu", i);
+    }
+    /* n = 0: a no-op with nothing to report. */
+    IT_CHECK(it_observe_each(mb, b, 0, &res2, ms2) == 0 && res2.modseq == 0, "empty");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* A UID given twice in one batch: the last wins, both slots report the
+ * modseq it has afterwards. */
+static bool t_each_dup(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 20, 1, 0);
+    struct it_msg *msgs;
+    size_t n;
+    uint64_t ms[6], m1;
+    struct store_obs b[6] = {
+        {.uid = 4, .flags = "$First", .flags_len = 6},
+        {.uid = 9, .flags = "\\Seen", .flags_len = 5},
+        {.uid = 4, .flags = "$Last", .flags_len = 5}, /* 4: changed to $Last */
+        {.uid = 9, .is_gone = true},                  /* 9: gone */
+        {.uid = 12, .is_gone = true},
+        {.uid = 12, .flags = o[11].flags, .flags_len = o[11].flags_len}, /* 12: unchanged */
+    };
+
+    IT_CHECK(store_mbox_new(st, "dup", 3, "INBOX", 5, 3, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 20, true, &res) == 0, "snapshot");
+    m1 = res.modseq;
+    IT_CHECK(it_observe_each(mb, b, 6, &res, ms) == 0, "each");
+    IT_CHECK(res.n_changed == 1 && res.n_gone == 1 && res.n_new == 0, "counts %u %u %u",
+             res.n_changed, res.n_gone, res.n_new);
+    IT_CHECK(ms[0] == res.modseq && ms[2] == res.modseq, "uid 4: %llu %llu want %llu",
+             (unsigned long long)ms[0], (unsigned long long)ms[2], (unsigned long long)res.modseq);
+    IT_CHECK(ms[1] == 0 && ms[3] == 0, "uid 9 gone: %llu %llu", (unsigned long long)ms[1],
+             (unsigned long long)ms[3]);
+    IT_CHECK(ms[4] == m1 && ms[5] == m1, "uid 12 unchanged: %llu %llu", (unsigned long long)ms[4],
+             (unsigned long long)ms[5]);
+    IT_CHECK(it_changed(mb, m1, &msgs, &n, NULL) == 0 && n == 1 && msgs[0].uid == 4 &&
+                 strcmp(msgs[0].flags, "$Last") == 0,
+             "the last wins: %zu '%s'", n, n ? msgs[0].flags : "");
+    free(msgs);
+    IT_CHECK(each_matches_stored(mb, b, 6, ms), "equal to store_modseqs()");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* n = 1 answers what store_observe_one() answers, either way round. */
+static bool t_each_one(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_obs *o = it_make(1, 50, 1, 0);
+    struct it_res r = {0};
+    uint64_t ms;
+    struct store_obs x = {.uid = 5, .flags = "$X", .flags_len = 2};
+    struct store_obs y = {.uid = 5, .flags = "$Y", .flags_len = 2};
+    struct store_obs gone = {.uid = 5, .is_gone = true};
+
+    IT_CHECK(store_mbox_new(st, "eone", 4, "INBOX", 5, 3, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 50, true, &res) == 0, "snapshot");
+    /* unchanged: both give the stored modseq */
+    IT_CHECK(it_observe_each(mb, &o[4], 1, &res, &ms) == 0 && res.modseq == 0, "each unchanged");
+    IT_CHECK(store_observe_one(mb, 5, o[4].flags, o[4].flags_len, it_on_observe, &r, NULL) == 0 &&
+                 it_wait(&r.done, 5000) && r.err == 0,
+             "one unchanged");
+    IT_CHECK(r.obs.modseq == 0 && r.obs.uid_modseq == ms && ms > 0, "unchanged: %llu vs %llu",
+             (unsigned long long)r.obs.uid_modseq, (unsigned long long)ms);
+    /* changed by store_observe_one, then the same through each */
+    r = (struct it_res){0};
+    IT_CHECK(store_observe_one(mb, 5, x.flags, x.flags_len, it_on_observe, &r, NULL) == 0 &&
+                 it_wait(&r.done, 5000) && r.err == 0 && r.obs.n_changed == 1,
+             "one changed");
+    IT_CHECK(it_observe_each(mb, &x, 1, &res, &ms) == 0 && res.modseq == 0 &&
+                 ms == r.obs.uid_modseq && ms == r.obs.modseq,
+             "each after one: %llu vs %llu", (unsigned long long)ms,
+             (unsigned long long)r.obs.uid_modseq);
+    /* changed by each, then the same through store_observe_one */
+    IT_CHECK(it_observe_each(mb, &y, 1, &res, &ms) == 0 && res.n_changed == 1 && ms == res.modseq &&
+                 res.modseq > r.obs.modseq,
+             "each changed");
+    r = (struct it_res){0};
+    IT_CHECK(store_observe_one(mb, 5, y.flags, y.flags_len, it_on_observe, &r, NULL) == 0 &&
+                 it_wait(&r.done, 5000) && r.err == 0 && r.obs.modseq == 0 &&
+                 r.obs.uid_modseq == ms,
+             "one after each: %llu vs %llu", (unsigned long long)r.obs.uid_modseq,
+             (unsigned long long)ms);
+    /* gone: 0 both ways (store_observe() of one entry gives uid_modseq) */
+    IT_CHECK(it_observe_each(mb, &gone, 1, &res, &ms) == 0 && res.n_gone == 1 && ms == 0,
+             "each gone");
+    IT_CHECK(it_observe(mb, &gone, 1, false, &res) == 0 && res.n_gone == 0 && res.uid_modseq == 0,
+             "one gone");
+    /* n > 1 through store_observe(): uid_modseq is not given (0). */
+    IT_CHECK(it_observe(mb, o, 3, false, &res) == 0 && res.uid_modseq == 0, "n > 1: %llu",
+             (unsigned long long)res.uid_modseq);
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* DESIGN inv. 1: after FLUSHALL (no state) a batch makes a fresh state and
+ * every modseq it reports is new and above the old HIGHESTMODSEQ. */
+static bool t_each_flushall(void)
+{
+    struct store *st = it_store(url, 3000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    struct store_info info;
+    struct store_obs *o = it_make(1, 300, 1, 0);
+    uint64_t ms[300], old;
+    redisReply *r;
+
+    IT_CHECK(store_mbox_new(st, "eflush", 6, "INBOX", 5, 9, &mb) == 0, "mbox");
+    IT_CHECK(it_observe(mb, o, 300, true, &res) == 0, "snap");
+    for (int e = 1; e < 20; e++) {
+        struct store_obs *p = it_make(1, 300, 1, e);
+
+        IT_CHECK(it_observe_each(mb, p, 300, &res, ms) == 0 && res.modseq > 0, "e%d", e);
+        free(p);
+    }
+    old = res.highest;
+    r = it_cmd(srv.port, "FLUSHALL");
+    IT_CHECK(r != NULL && r->type == REDIS_REPLY_STATUS, "flushall");
+    freeReplyObject(r);
+    IT_CHECK(it_info(mb, &info) == 0 && !info.has_state, "has_state false");
+    o[7].is_gone = true;
+    IT_CHECK(it_observe_each(mb, o, 256, &res, ms) == 0 && res.is_fresh && res.n_new == 255,
+             "fresh after flush: new %u", res.n_new);
+    IT_CHECK(res.modseq > old, "inv1: new %llu > old %llu", (unsigned long long)res.modseq,
+             (unsigned long long)old);
+    for (size_t i = 0; i < 256; i++)
+        IT_CHECK(ms[i] == (i == 7 ? 0 : res.modseq), "entry %zu: %llu", i,
+                 (unsigned long long)ms[i]);
+    IT_CHECK(it_info(mb, &info) == 0 && info.has_state && !info.is_complete, "partial state");
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    free(o);
+    return true;
+}
+
+/* Random batches over three chunks, long enough that chunks' modseq tables
+ * fill and the script compacts them, raising old modseqs (state/pack.h):
+ * every batch's modseqs equal store_modseqs() afterwards, and a changed or
+ * new entry carries the batch's modseq. */
+static bool t_each_model(void)
+{
+    struct store *st = it_store(url, 5000, 0, 0);
+    struct store_mbox *mb;
+    struct store_result res;
+    static int fl[800];  /* flag set index, -1: not in the mailbox */
+    static int fl0[800]; /* the same before the batch */
+    static const char *sets[] = {"", "\\Seen", "$A", "$B \\Seen", "\\Flagged"};
+    struct store_obs b[300];
+    uint64_t ms[300], prev = 0;
+
+    IT_CHECK(store_mbox_new(st, "emodel", 6, "INBOX", 5, 1, &mb) == 0, "mbox");
+    srand(7);
+    for (uint32_t u = 1; u < 800; u++)
+        fl[u] = -1;
+    for (int round = 0; round < 120; round++) {
+        size_t n = 0;
+
+        memcpy(fl0, fl, sizeof(fl));
+        /* Half the rounds touch one chunk's stored UIDs exactly (fast path). */
+        if (round % 2 == 1) {
+            uint32_t c = (uint32_t)rand() % 3;
+
+            for (uint32_t u = c > 0 ? c * 256 : 1; u < c * 256 + 256 && u < 800 && n < 300; u++) {
+                if (fl[u] < 0)
+                    continue;
+                if (rand() % 8 == 0)
+                    fl[u] = (fl[u] + 1) % 5;
+                b[n] = (struct store_obs){
+                    .uid = u, .flags = sets[fl[u]], .flags_len = strlen(sets[fl[u]])};
+                n++;
+            }
+        } else {
+            for (; n < 60; n++) {
+                uint32_t u = 1 + (uint32_t)rand() % 799;
+                int op = rand() % 10;
+
+                b[n] = (struct store_obs){.uid = u};
+                if (op == 0) {
+                    b[n].is_gone = true;
+                    fl[u] = -1;
+                    continue;
+                }
+                if (fl[u] < 0 || op < 4)
+                    fl[u] = (fl[u] + 1 + rand() % 4) % 5;
+                b[n].flags = sets[fl[u]];
+                b[n].flags_len = strlen(sets[fl[u]]);
+            }
+        }
+        IT_CHECK(it_observe_each(mb, b, n, &res, ms) == 0, "round %d", round);
+        for (size_t i = 0; i < n; i++) {
+            /* A UID repeated later in the batch: its last entry decides. */
+            size_t last = i;
+
+            for (size_t j = i + 1; j < n; j++)
+                if (b[j].uid == b[i].uid)
+                    last = j;
+            if (b[last].is_gone) {
+                IT_CHECK(ms[i] == 0, "round %d uid %u gone: %llu", round, b[i].uid,
+                         (unsigned long long)ms[i]);
+                continue;
+            }
+            IT_CHECK(ms[i] > 0 && ms[i] <= res.highest, "round %d uid %u: %llu", round, b[i].uid,
+                     (unsigned long long)ms[i]);
+            if (fl0[b[i].uid] != fl[b[i].uid])
+                IT_CHECK(res.modseq > 0 && ms[i] == res.modseq,
+                         "round %d uid %u changed: %llu want %llu", round, b[i].uid,
+                         (unsigned long long)ms[i], (unsigned long long)res.modseq);
+        }
+        IT_CHECK(res.highest >= prev, "highest");
+        prev = res.highest;
+        IT_CHECK(each_matches_stored(mb, b, n, ms), "round %d: equal to store_modseqs()", round);
+    }
+    store_mbox_free(&mb);
+    it_store_free(&st);
+    return true;
+}
+
 static const struct it_test tests[] = {
     {"basic", t_basic},
     {"partial_then_snapshot", t_partial_then_snapshot},
@@ -1116,6 +1477,11 @@ static const struct it_test tests[] = {
     {"inv3_snapshot_model", t_snapshot_model},
     {"dns_name_off_loop", t_dns_name},
     {"inv6_dns_slow", t_dns_slow},
+    {"observe_each_mix", t_each_mix},
+    {"inv3_observe_each_dup", t_each_dup},
+    {"observe_each_one", t_each_one},
+    {"inv1_observe_each_flushall", t_each_flushall},
+    {"inv3_observe_each_model", t_each_model},
 };
 
 int store_it_main_standalone(int argc, char **argv, const char *mode);

@@ -35,6 +35,9 @@ void it_on_info(void *arg, int err, const struct store_info *info);
 
 int it_observe(struct store_mbox *mb, const struct store_obs *o, size_t n, bool snap,
                struct store_result *out);
+/* store_observe_each(): ms[0..n) receives the per-UID modseqs. */
+int it_observe_each(struct store_mbox *mb, const struct store_obs *o, size_t n,
+                    struct store_result *out, uint64_t *ms);
 int it_info(struct store_mbox *mb, struct store_info *out);
 /* *out is malloc'ed (free it). */
 int it_changed(struct store_mbox *mb, uint64_t since, struct it_msg **out, size_t *n,

@@ -106,6 +106,43 @@ int it_observe(struct store_mbox *mb, const struct store_obs *o, size_t n, bool 
     return r.err;
 }
 
+static void it_on_observe_each(void *arg, int err, const struct store_result *res,
+                               const uint64_t *ms, size_t n)
+{
+    struct it_res *r = arg;
+
+    r->done = true;
+    r->err = err;
+    r->n = n;
+    if (res != NULL)
+        r->obs = *res;
+    r->ms = malloc((n + 1) * sizeof(*ms));
+    if (n > 0)
+        memcpy(r->ms, ms, n * sizeof(*ms));
+}
+
+int it_observe_each(struct store_mbox *mb, const struct store_obs *o, size_t n,
+                    struct store_result *out, uint64_t *ms)
+{
+    struct it_res r = {0};
+    int rc = store_observe_each(mb, o, n, it_on_observe_each, &r, NULL);
+
+    if (rc != 0)
+        return rc;
+    if (!it_wait(&r.done, IT_WAIT_MS))
+        return -9999;
+    if (r.err == 0 && (r.n != n || r.obs.uid_modseq != 0))
+        r.err = -9998; /* the callback must give one modseq per entry */
+    if (r.err == 0) {
+        if (out != NULL)
+            *out = r.obs;
+        memcpy(ms, r.ms, n * sizeof(*ms));
+    }
+    rc = r.err;
+    it_res_free(&r);
+    return rc;
+}
+
 int it_info(struct store_mbox *mb, struct store_info *out)
 {
     struct it_res r = {0};
