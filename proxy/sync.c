@@ -331,8 +331,13 @@ static const struct pending *sync_current(const struct sess *s)
 
 bool sync_swallows_fetch(const struct sess *s)
 {
+    /* Only a snapshot's: the client waits meanwhile. The answers to a
+     * lookup of new messages' UIDs are not swallowed: Dovecot may answer a
+     * client's FETCH pipelined behind it in parallel, so its lines cannot
+     * be told apart; they reach the client as unsolicited FETCH with UID
+     * and MODSEQ (CS-21) and fill the map on the way. */
     const struct sync *y = s->sync;
-    return y != NULL && (y->is_snapping || (y->lookup != NULL && sync_current(s) == y->lookup));
+    return y != NULL && y->is_snapping;
 }
 
 void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *flags, size_t len)
@@ -345,7 +350,7 @@ void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *fla
     if (uid >= y->uidnext)
         y->uidnext = uid + 1;
     if (!y->is_snapping)
-        return; /* a lookup of new messages' UIDs (QR-41): the map is all */
+        return;
     if (sn->n + 1 >= sn->cap) {
         sn->cap = sn->cap ? sn->cap * 2 : 1024;
         sn->uid = xreallocarray(sn->uid, sn->cap, sizeof(*sn->uid));
