@@ -2234,14 +2234,7 @@ sasl_check("inv7_cs30_authenticate_login_gets_modseqs",
 # test still runs; its failure prints XFAIL and is not counted (the suite
 # runs in `make check`), its success prints XPASS (remove the entry then).
 # QR_STRICT=1 counts them as ordinary tests.
-KNOWN = {
-    # Also makes the CONDSTORE scenario fail at random on proxy-dovecot
-    # (c20 FETCH 1:* after the oob step's APPEND answers nothing: 31 FAILs).
-    "cs50_qr41_fetch_after_new_mail_at_noop_answers_every_message":
-        "proxy-dovecot, CONDSTORE without QRESYNC: after NOOP reported * 4 EXISTS (and the "
-        "proxy's lookup FETCH 4:* (UID FLAGS)), FETCH 1:* (UID MODSEQ FLAGS) answers OK with "
-        "no FETCH line at all",
-}
+KNOWN = {}
 
 
 def main():
