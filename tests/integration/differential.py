@@ -74,6 +74,7 @@ import sys
 import time
 import traceback
 
+import harness
 import proxy_behaviour as pb
 
 NATIVE_PORT = int(os.environ["NATIVE_PORT"])
@@ -2246,21 +2247,10 @@ def main():
         nonlocal passed, failed, xfailed
         if only and not any(x in name for x in only):
             return
-        known = None if strict else KNOWN.get(name)
-        try:
-            fn()
-            passed += 1
-            print("%s %s" % ("XPASS" if known else "ok  ", name))
-        except Exception:
-            if known:
-                xfailed += 1
-                print("XFAIL %s: %s" % (name, known))
-                traceback.print_exc(limit=0)
-            else:
-                failed += 1
-                print("FAIL %s" % name)
-                traceback.print_exc(limit=2)
-        sys.stdout.flush()
+        r = harness.check_known(name, fn, None if strict else KNOWN.get(name))
+        passed += r == "pass"
+        failed += r == "fail"
+        xfailed += r == "xfail"
 
     obs = {}
     qobs = {}

@@ -43,6 +43,7 @@ import sys
 import time
 import traceback
 
+import harness
 import proxy_behaviour as pb
 
 NATIVE_PORT = int(os.environ["NATIVE_PORT"])
@@ -462,23 +463,14 @@ def main():
                 skipped += 1
                 print("SKIP %s: %s" % (name, skip))
                 continue
-            known = None if STRICT else KNOWN.get(name)
-            try:
+            def run(fn=fn):
                 if err or skip:
                     raise AssertionError("scenario did not complete: %s" % (err or skip))
                 fn(obs)
-                passed += 1
-                print("%s %s" % ("XPASS" if known else "ok  ", name))
-            except Exception:
-                if known:
-                    xfailed += 1
-                    print("XFAIL %s: %s" % (name, known))
-                    traceback.print_exc(limit=0)
-                else:
-                    failed += 1
-                    print("FAIL %s" % name)
-                    traceback.print_exc(limit=1)
-            sys.stdout.flush()
+            r = harness.check_known(name, run, None if STRICT else KNOWN.get(name), tb_limit=1)
+            passed += r == "pass"
+            failed += r == "fail"
+            xfailed += r == "xfail"
         try:
             t.stop()
         except AssertionError as e:  # a sanitizer report in the proxy's log
