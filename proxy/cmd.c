@@ -1366,6 +1366,8 @@ static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, s
     p->is_select = is_select;
     p->no_expunge = cmd_forbids_expunge(s, b, len);
     p->is_seq_search = strcmp(s->name, "SEARCH") == 0;
+    if (strcmp(s->name, "NOOP") == 0)
+        sync_noop_sent(s, p);
     p->is_close = strcmp(s->name, "CLOSE") == 0 || strcmp(s->name, "UNSELECT") == 0;
     p->is_expunge = strcmp(s->name, "EXPUNGE") == 0 ||
                     (strcmp(s->name, "UID") == 0 && cmd_word2_is(s, b, len, "EXPUNGE"));

@@ -52,6 +52,7 @@ struct pending {
     bool is_closer;     /* the proxy's own close before a SELECT (QR-60) */
     bool no_expunge;    /* FETCH/STORE/SEARCH by numbers, UID SEARCH (CS-66) */
     bool is_seq_search; /* SEARCH: its results are message numbers */
+    bool is_noop;       /* the client's NOOP (QR-49: it delivers what was pending) */
     char *local;        /* local answer: whole line(s) to send, or NULL */
     size_t local_len;
     size_t tag_len;

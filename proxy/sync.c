@@ -126,6 +126,10 @@ struct sync {
     bool is_up_idling;      /* the upstream sent the IDLE continuation */
     struct store_sub *sub;  /* the selected mailbox's change events */
     bool has_snap_lease;    /* this session snapshots the mailbox for all */
+    /* QR-49: the lowest modseq of a change that may not have reached this
+     * client yet (0: none), and the largest MODSEQ/HIGHESTMODSEQ it was
+     * told since its last checkpoint. */
+    uint64_t pend_low, max_told;
     struct store_lease snap_lease;
 };
 
@@ -204,6 +208,9 @@ static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t
                         const uint32_t *expunged, size_t n_expunged, bool is_complete,
                         const struct store_info *info);
 static void sync_lookup(struct sess *s);
+static void qr49_seen(struct sync *y, uint64_t prev, uint64_t after);
+static void qr49_told(struct sync *y, uint64_t modseq);
+static void qr49_noop_done(struct sync *y);
 static void sync_watch(struct sess *s);
 static void sync_poll_arm(struct sess *s);
 static void sync_vidle_after_poll(struct sess *s);
@@ -466,7 +473,14 @@ static void on_observed(void *arg, int err, const struct store_result *res)
         return;
     }
     if (y->is_for_fetch) {
-        y->highest = res->highest;
+        qr49_seen(y, res->prev_highest, res->highest);
+        /* Changes the refresh found silently reach the client only if its
+         * question covers every message (a FETCH of 1:*). */
+        if (res->modseq != 0 &&
+            !(y->fetch != NULL && !y->fetch->is_store && !y->fetch->is_search &&
+              strcmp(y->fetch->set, "1:*") == 0) &&
+            (y->pend_low == 0 || res->modseq < y->pend_low))
+            y->pend_low = res->modseq;
         sync_fetch_changed(s);
         return;
     }
@@ -560,6 +574,8 @@ static void sync_select_done(struct sess *s)
 {
     sync_watch(s);
     struct sync *y = s->sync;
+    y->pend_low = 0; /* the client resyncs from this HIGHESTMODSEQ */
+    y->max_told = y->highest;
     char code[64];
     /* X2: HIGHESTMODSEQ is never 0; the store's clock guarantees it. */
     snprintf(code, sizeof(code), "[HIGHESTMODSEQ %llu] Highest", (unsigned long long)y->highest);
@@ -776,6 +792,7 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     }
     if (p == y->noop) {
         y->noop = NULL;
+        qr49_noop_done(y);
         sync_start_snapshot(s);
         return;
     }
@@ -790,6 +807,7 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     }
     if (p == y->vpoll) {
         y->vpoll = NULL;
+        qr49_noop_done(y);
         if (y->vidle == VI_POLLING) {
             sync_vidle_after_poll(s);
             return;
@@ -804,6 +822,8 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     }
     if (p == y->search_cmd)
         y->search_cmd = NULL;
+    if (p->is_noop)
+        qr49_noop_done(y);
     if (p == y->store_cmd) {
         y->store_cmd = NULL;
         free(y->modified);
@@ -884,6 +904,7 @@ static void sync_emit_line(struct sess *s, const struct eline *e)
         sess_send(&s->cli, NULL, p, len);
         return;
     }
+    qr49_told(y, modseq);
     while (close > 0 && p[close - 1] != ')')
         close--;
     if (y->noop != NULL) {
@@ -952,8 +973,8 @@ static void on_batch_observed(void *arg, int err, const struct store_result *res
         sync_store_lost(s, err < 0 ? err : QR_ESTATE);
         return;
     }
-    if (res != NULL && res->highest > y->highest)
-        y->highest = res->highest; /* change events up to it are ours */
+    if (res != NULL)
+        qr49_seen(y, res->prev_highest, res->highest); /* events up to it are ours */
     for (unsigned i = 0; i < b->n; i++) {
         struct eline *e = &y->eq[(b->first + i) % ENRICH_MAX];
         /* The line's own modseq: new when its flags changed, kept
@@ -1606,6 +1627,7 @@ static void on_search_modseqs(void *arg, int err, const uint64_t *modseqs, size_
     }
     for (size_t i = 0; i < n; i++)
         max = modseqs[i] > max ? modseqs[i] : max;
+    qr49_told(y, max);
     sync_send_search(s, y->search_line.p, y->search_line.len, !y->search_is_uid, max);
     buf_clear(&y->search_line, 4096);
     sess_release(&s->up, HOLD_LINE);
@@ -2052,10 +2074,14 @@ const char *sync_tagged_code(struct sess *s, const struct pending *p)
         return y->modified; /* "MODIFIED set" (CS-41) */
     if (y->vanish_highest != 0 && !p->is_internal) {
         /* QR-45, QR-46, QR-48: the command told VANISHED; its completion
-         * tells the HIGHESTMODSEQ that covers them. Given once. */
-        snprintf(y->code, sizeof(y->code), "HIGHESTMODSEQ %llu",
-                 (unsigned long long)y->vanish_highest);
+         * tells the HIGHESTMODSEQ that covers them. Given once; never up
+         * to a change not told yet (QR-49). */
+        uint64_t h = y->vanish_highest;
+        if (y->pend_low != 0 && h >= y->pend_low)
+            h = y->pend_low - 1;
+        snprintf(y->code, sizeof(y->code), "HIGHESTMODSEQ %llu", (unsigned long long)h);
         y->vanish_highest = 0;
+        qr49_told(y, h);
         return y->code;
     }
     return NULL;
@@ -2312,6 +2338,44 @@ static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t
     sync_select_done(s);
 }
 
+/* ------------------------------------------ QR-49: no lost changes */
+
+/* An observation of this session's found the mailbox's HIGHESTMODSEQ at
+ * prev before it and after afterwards: a prev above what the session had
+ * seen means changes other sessions observed meanwhile, which this client
+ * may not have been told of yet. */
+static void qr49_seen(struct sync *y, uint64_t prev, uint64_t after)
+{
+    if (prev > y->highest && (y->pend_low == 0 || y->highest + 1 < y->pend_low))
+        y->pend_low = y->highest + 1;
+    if (after > y->highest)
+        y->highest = after;
+}
+
+/* A NOOP (the proxy's or the client's) completed: every change the
+ * upstream knew of when it ran was reported to this client (both test
+ * upstreams report other sessions' changes on NOOP), those found pending
+ * while its answer was read included. Left: a change another session
+ * observes in the instant between the upstream's NOOP and the end of its
+ * answer here. */
+static void qr49_noop_done(struct sync *y)
+{
+    y->pend_low = 0;
+}
+
+void sync_noop_sent(struct sess *s, struct pending *p)
+{
+    (void)s;
+    p->is_noop = true;
+}
+
+/* A MODSEQ went to the client. */
+static void qr49_told(struct sync *y, uint64_t modseq)
+{
+    if (modseq > y->max_told)
+        y->max_told = modseq;
+}
+
 /* ---------------- expunges: VANISHED (QR-40), held back (CS-66, QR-42) */
 
 bool sync_vanishes(const struct sess *s)
@@ -2408,7 +2472,7 @@ static void on_vanish_observed(void *arg, int err, const struct store_result *re
 
     if (!sync_cb_ok(s, err))
         return;
-    y->highest = res->highest;
+    qr49_seen(y, res->prev_highest, res->highest);
     sync_expunged_one(s, y->vanish_uid, y->vanish_seq, y->is_vanish_told, res->highest);
     sess_release(&s->up, HOLD_LINE);
     sess_release(&s->cli, HOLD_LINE);
@@ -2455,8 +2519,19 @@ bool sync_vanish_line(struct sess *s, uint32_t seq)
 
 void sync_before_tagged(struct sess *s, const struct pending *p)
 {
+    struct sync *y = s->sync;
+
     if (sync_has_held(s) && !p->is_internal && !p->no_expunge)
         sync_tell_held(s); /* CS-66: the command allows it, and it ends */
+    if (y != NULL && !p->is_internal && y->pend_low != 0 && y->max_told >= y->pend_low) {
+        /* QR-49: MODSEQs above a change this client has not been told of
+         * went out; its checkpoint must stay below that change. */
+        char line[80];
+        int n = snprintf(line, sizeof(line), "* OK [HIGHESTMODSEQ %llu] Highest\r\n",
+                         (unsigned long long)(y->pend_low - 1));
+        sess_send(&s->cli, NULL, line, (size_t)n);
+        y->max_told = y->pend_low - 1;
+    }
 }
 
 void sync_command_starts(struct sess *s, bool forbids_expunge)
@@ -2589,6 +2664,7 @@ static void on_mbox_event(void *arg, uint32_t uidvalidity, uint64_t highest)
 
     if (s->is_closing || y == NULL || uidvalidity != y->uidvalidity || highest <= y->highest)
         return;
+    qr49_seen(y, highest, highest); /* another session's change, not told here yet */
     if (log_on(LOG_DEBUG)) {
         struct log_line l;
         log_begin(&l, LOG_DEBUG, "sync.event");

@@ -126,9 +126,12 @@ struct store_obs {
 
 /* What an observation did. */
 struct store_result {
-    uint64_t modseq;  /* the modseq of this observation's changes, 0 if it
-                         changed nothing (inv. 3: identical again = no-op) */
-    uint64_t highest; /* HIGHESTMODSEQ afterwards */
+    uint64_t modseq;       /* the modseq of this observation's changes, 0 if it
+                              changed nothing (inv. 3: identical again = no-op) */
+    uint64_t highest;      /* HIGHESTMODSEQ afterwards */
+    uint64_t prev_highest; /* HIGHESTMODSEQ before (0 for a new state): a
+                              value above what a session saw means changes
+                              others observed meanwhile (QR-49) */
     uint32_t n_changed, n_new, n_gone;
     bool is_fresh;       /* the state was (re)created by this observation: it was
                             missing, evicted, or of another UIDVALIDITY (inv. 2) */

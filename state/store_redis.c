@@ -986,20 +986,20 @@ static bool store_decode_each(const struct store_req *req, const redisReply *blo
     return true;
 }
 
-/* An observation's reply: {modseq, highest, changed, new, gone, fresh},
- * then the per-UID blob if it was asked for (req->uids). */
+/* An observation's reply: {modseq, highest, changed, new, gone, fresh,
+ * highest before}, then the per-UID blob if it was asked for (req->uids). */
 static void store_deliver_observe(struct store_req *req, redisReply *r)
 {
     struct store_result res;
-    uint64_t v[6];
+    uint64_t v[7];
     uint64_t *ms = NULL;
-    size_t want = req->uids != NULL ? 7 : 6;
+    size_t want = req->uids != NULL ? 8 : 7;
 
     if (r->type != REDIS_REPLY_ARRAY || r->elements != want) {
         store_fail(req, QR_ESTATE);
         return;
     }
-    for (size_t i = 0; i < 6; i++) {
+    for (size_t i = 0; i < 7; i++) {
         if (!store_int(r->element[i], &v[i])) {
             store_fail(req, QR_ESTATE);
             return;
@@ -1012,9 +1012,10 @@ static void store_deliver_observe(struct store_req *req, redisReply *r)
     res.n_new = (uint32_t)v[3];
     res.n_gone = (uint32_t)v[4];
     res.is_fresh = v[5] == 1;
+    res.prev_highest = v[6];
     if (req->uids != NULL) {
         ms = xcalloc(req->n_uids + 1, sizeof(*ms));
-        if (!store_decode_each(req, r->element[6], ms)) {
+        if (!store_decode_each(req, r->element[7], ms)) {
             free(ms);
             store_fail(req, QR_ESTATE);
             return;

@@ -453,7 +453,7 @@ const char store_script_lua[] =
     "if not (changed or fresh or completing or not hist_ok) then\n"
     "  if snap then redis.call('HSET', ks, 'snt', num(now)) end\n"
     "  if ttl > 0 then redis.call('PEXPIRE', ks, ttl) redis.call('PEXPIRE', kx, ttl) end\n"
-    "  return ret({0, hms, 0, 0, 0, 0})\n"
+    "  return ret({0, hms, 0, 0, 0, 0, hms})\n"
     "end\n"
     "\n"
     "if fresh then\n"
@@ -519,7 +519,7 @@ const char store_script_lua[] =
     "if newms ~= hms then redis.call('PUBLISH', chan, uv .. ' ' .. num(newms)) end\n"
     "local f = 0\n"
     "if fresh then f = 1 end\n"
-    "return ret({newms == hms and 0 or newms, newms, nchg, nnew, ngone, f})\n";
+    "return ret({newms == hms and 0 or newms, newms, nchg, nnew, ngone, f, hms})\n";
 /* clang-format on */
 
 const size_t store_script_len = sizeof(store_script_lua) - 1;

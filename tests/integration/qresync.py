@@ -841,6 +841,43 @@ def inv7_authenticate_login_identity_keys_the_state(up):
         p.stop()
 
 
+@both
+def qr49_checkpoint_stays_below_a_change_the_client_was_not_told_of(up):
+    """QR-49 (Q-SYNC6 shape): session B expunges a message; session A has
+    not heard of it (its upstream tells it at its next NOOP) when its own
+    STORE gets a MODSEQ above the expunge's. A's answer then carries an
+    untagged HIGHESTMODSEQ below the expunge, so a client that disconnects
+    now and resyncs from its checkpoint is still told of it."""
+    mbox = new_mailbox(up, 6)
+    p = proxy(up)
+    try:
+        a = qsession(p)
+        sel = ok(a.cmd("s", "SELECT %s" % mbox), "s")
+        uv, h0 = uidvalidity(sel), highest(sel)
+        b = qsession(p)
+        ok(b.cmd("s", "SELECT %s" % mbox), "s")
+        ok(b.cmd("d", "UID STORE 2 +FLAGS.SILENT (\\Deleted)"), "d")
+        assert 2 in vanished_live(ok(b.cmd("x", "EXPUNGE"), "x"))
+        lines = ok(a.cmd("t", "UID STORE 4 +FLAGS (\\Seen)"), "t")
+        m4 = fetches(lines)[4][2]
+        caps = [highest([l]) for l in lines if l.startswith(b"* OK [HIGHESTMODSEQ")]
+        assert caps and caps[-1] < m4, ("the checkpoint is capped", lines)
+        checkpoint = caps[-1]
+        # Reconnect from the checkpoint: the expunge is there.
+        c = qsession(p)
+        lines = ok(c.cmd("r", "SELECT %s (QRESYNC (%d %d))" % (mbox, uv, checkpoint)), "r")
+        assert 2 in vanished_earlier(lines), lines
+        assert 4 in fetches(lines), lines
+        # Once A is told (its NOOP), nothing is capped any more.
+        ok(a.cmd("n", "NOOP"), "n")
+        ok(a.cmd("n2", "NOOP"), "n2")
+        lines = ok(a.cmd("t2", "UID STORE 5 +FLAGS (\\Seen)"), "t2")
+        assert not any(l.startswith(b"* OK [HIGHESTMODSEQ") for l in lines), lines
+        assert h0 < m4
+    finally:
+        p.stop()
+
+
 # ---- RFC 7162 examples as vectors (spec/EXAMPLES.md), on meaning
 
 
