@@ -208,6 +208,7 @@ static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t
                         const uint32_t *expunged, size_t n_expunged, bool is_complete,
                         const struct store_info *info);
 static void sync_lookup(struct sess *s);
+static void sync_poll_now(struct sess *s);
 static void qr49_seen(struct sync *y, uint64_t prev, uint64_t after);
 static void qr49_told(struct sync *y, uint64_t modseq);
 static void qr49_noop_done(struct sync *y);
@@ -387,8 +388,14 @@ void sync_exists(struct sess *s, uint32_t n)
         if (msgmap_exists(&y->map, n) < 0)
             sess_fail(s, QR_ENOMEM, "message map");
     }
-    if (s->is_condstore && !msgmap_is_complete(&y->map))
+    if (s->is_condstore && !msgmap_is_complete(&y->map)) {
         sync_lookup(s); /* QR-41, CS-21: new messages' UIDs */
+        /* In IDLE (Dovecot pushes EXISTS itself) the lookup needs the
+         * virtual IDLE: at once, so an expunge of the new mail can be
+         * named (QR-41). */
+        if (y->lookup == NULL && s->ctx->cfg->poll_interval != 0)
+            sync_poll_now(s);
+    }
 }
 
 void sync_uidvalidity(struct sess *s, uint32_t v)
