@@ -97,9 +97,24 @@ def main():
                 uidvalidity = l.split(b"[UIDVALIDITY ")[1].split(b"]")[0].decode()
             if b"[HIGHESTMODSEQ " in l:
                 modseq = l.split(b"[HIGHESTMODSEQ ")[1].split(b"]")[0].decode()
-        c.cmd('STORE 1 +FLAGS (\\Flagged)')
-        c.cmd("UNSELECT" if b"UNSELECT" in caps else "CLOSE")
-        print("-- reconnecting: one round trip tells what changed since %s" % modseq)
+        c.cmd("LOGOUT")
+        print("-- the phone goes offline; it keeps UIDVALIDITY %s and HIGHESTMODSEQ %s"
+              % (uidvalidity, modseq))
+        if other is not None:
+            print("-- meanwhile another client works directly on the legacy server:")
+            o = Conn(*other)
+            o.read_response()
+            o.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
+            o.cmd("SELECT INBOX")
+            o.cmd("UID STORE 2,5 +FLAGS (\\Flagged)")
+            o.cmd("UID STORE 3 +FLAGS (\\Deleted)")
+            o.cmd("EXPUNGE")
+            o.cmd("LOGOUT")
+        print("-- the phone reconnects: one round trip tells what changed since %s" % modseq)
+        c = Conn(host, port)
+        c.read_response()
+        c.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
+        c.cmd("ENABLE QRESYNC")
         c.cmd("SELECT INBOX (QRESYNC (%s %s))" % (uidvalidity, modseq))
     else:
         print("-- this build does not offer QRESYNC yet: a plain session passes through")
