@@ -23,22 +23,15 @@ dies exits non-zero; timing never does.
 import os
 import random
 import re
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
 UP_PORT = int(os.environ["PB_UPSTREAM_PORT"])
 UP_NAME = os.environ.get("PB_UPSTREAM", "upstream")
 REDIS_PORT = int(os.environ["PB_REDIS_PORT"])
-QRESYNCD = os.environ.get("PB_QRESYNCD", "./qresyncd")
-QARGS = os.environ.get("PB_QRESYNCD_ARGS", "").split()
 OUT = os.environ["PB_OUT"]
-LOGDIR = os.environ.get("PB_LOGDIR", os.path.dirname(OUT))
-USER = os.environ.get("QR_USER", "tester")
-PASS = os.environ.get("QR_PASS", "qr-Secret-7f3a9")
 CHANGES = int(os.environ.get("PB_CHANGES", "50"))
 POLLS = [int(x) for x in os.environ.get("PB_POLLS", "2 10").split()]
 PUBSUB_CHANGES = int(os.environ.get("PB_PUBSUB_CHANGES", "10"))
@@ -49,108 +42,51 @@ VERSIONS = os.environ.get("PB_VERSIONS", "")
 MBOX_PREFIX = "INBOX." if UP_NAME.lower().startswith("courier") else ""
 random.seed(7)
 
+# The integration tests' qresyncd and client (tests/integration/
+# proxy_behaviour.py): qresyncd logs at debug level to
+# PB_LOGDIR/proxy-<port>.log and is stopped by PID.
+os.environ["QRESYNCD"] = os.environ.get("PB_QRESYNCD", "./qresyncd")
+os.environ["DOVECOT_PORT"] = str(UP_PORT)
+os.environ.setdefault("DOVECOT_PID", "0")
+os.environ["QR_TMP"] = os.environ.get("PB_LOGDIR", os.path.dirname(OUT))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../integration"))
+import proxy_behaviour as pb  # noqa: E402
+
+QARGS = os.environ.get("PB_QRESYNCD_ARGS", "").split()
+
 
 def say(s):
     print("bench: push: %s" % s)
     sys.stdout.flush()
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+def ok(c, tag, text):
+    lines = c.cmd(tag, text)
+    if not lines[-1].startswith(tag.encode() + b" OK"):
+        raise RuntimeError("%s %s: %r" % (tag, text, lines[-5:]))
+    return lines
 
 
-class Client:
-    def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.buf = b""
-        self.greeting = self.line()
-
-    def send(self, data):
-        self.s.sendall(data.encode() if isinstance(data, str) else data)
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            d = self.s.recv(65536)
-            if not d:
-                raise EOFError("closed; pending %r" % self.buf[:200])
-            self.buf += d
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def cmd(self, tag, text):
-        self.send("%s %s\r\n" % (tag, text))
-        lines = []
-        while True:
-            l = self.line()
-            lines.append(l)
-            if l.startswith(tag.encode() + b" "):
-                if not l.startswith(tag.encode() + b" OK"):
-                    raise RuntimeError("%s %s: %r" % (tag, text, lines[-5:]))
-                return lines
-
-    def login(self):
-        self.cmd("L", 'LOGIN "%s" "%s"' % (USER, PASS))
-
-    def close(self):
-        try:
-            self.s.close()
-        except OSError:
-            pass
+def proxy(*args):
+    p = pb.offering(pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d" % REDIS_PORT,
+                             *(list(args) + QARGS), upstream=UP_PORT))
+    check(p)
+    return p
 
 
-class Proxy:
-    def __init__(self, name, *args):
-        self.port = free_port()
-        self.log_path = os.path.join(LOGDIR, "push.qresyncd.%s.log" % name)
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [QRESYNCD, "--listen", "127.0.0.1:%d" % self.port, "--upstream",
-             "127.0.0.1:%d" % UP_PORT, "--redis", "redis://127.0.0.1:%d" % REDIS_PORT,
-             "--condstore"] + list(args) + QARGS,
-            stdout=subprocess.DEVNULL, stderr=self.log, stdin=subprocess.DEVNULL)
-        deadline = time.time() + 15
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("qresyncd exited: see %s" % self.log_path)
-            try:
-                c = Client(self.port)
-                caps = b" ".join(c.cmd("c", "CAPABILITY")).upper().split()
-                c.close()
-                if b"CONDSTORE" in caps:
-                    return
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("qresyncd does not offer CONDSTORE; see %s" % self.log_path)
-            time.sleep(0.05)
+def check(p):
+    if p.proc.poll() is not None:
+        raise RuntimeError("qresyncd exited (status %s); log %s" % (p.proc.returncode, p.log_path))
 
-    def read_log(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
 
-    def check(self):
-        if self.proc.poll() is not None:
-            raise RuntimeError("qresyncd exited (status %s); log %s" % (self.proc.returncode,
-                                                                         self.log_path))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def client(p):
+    c = pb.Client(p.port)
+    c.login()
+    return c
 
 
 def direct():
-    c = Client(UP_PORT)
+    c = pb.Client(UP_PORT)
     c.login()
     return c
 
@@ -162,7 +98,7 @@ def new_mailbox(n=10):
     _n[0] += 1
     name = "%sPush%d_%d" % (MBOX_PREFIX, os.getpid(), _n[0])
     d = direct()
-    d.cmd("c", "CREATE %s" % name)
+    ok(d, "c", "CREATE %s" % name)
     for i in range(1, n + 1):
         body = ("From: t@example.org\r\nSubject: p%d\r\n\r\nbody %d\r\n" % (i, i)).encode()
         d.send("a%d APPEND %s () {%d}\r\n" % (i, name, len(body)))
@@ -171,7 +107,6 @@ def new_mailbox(n=10):
         while not d.line().startswith(b"a%d " % i):
             pass
     d.cmd("z", "LOGOUT")
-    d.close()
     return name
 
 
@@ -185,10 +120,9 @@ def highest(lines):
 
 def idling(p, mbox, tag="i"):
     """A QRESYNC client of p idling with mbox selected; returns (client, h)."""
-    c = Client(p.port)
-    c.login()
-    c.cmd("e", "ENABLE QRESYNC")
-    h = highest(c.cmd("s", "SELECT %s" % mbox))
+    c = client(p)
+    ok(c, "e", "ENABLE QRESYNC")
+    h = highest(ok(c, "s", "SELECT %s" % mbox))
     c.send("%s IDLE\r\n" % tag)
     l = c.line()
     if not l.startswith(b"+"):
@@ -228,23 +162,23 @@ def wait_fetch(c, uid, flagged, h, timeout):
 
 
 def latency(poll):
-    p = Proxy("poll%d" % poll, "--poll-interval", str(poll), "--log-level", "info")
+    p = proxy("--poll-interval", str(poll))
     try:
         mbox = new_mailbox()
         c, h = idling(p, mbox)
         d = direct()
-        d.cmd("s", "SELECT %s" % mbox)
+        ok(d, "s", "SELECT %s" % mbox)
         state = {}
         lat = []
         for i in range(CHANGES):
             time.sleep(random.uniform(0, poll))
             uid = 1 + i % 10
             state[uid] = not state.get(uid, False)
-            d.cmd("t%d" % i, "UID STORE %d %sFLAGS (\\Flagged)" % (uid, "+" if state[uid] else "-"))
+            ok(d, "t%d" % i, "UID STORE %d %sFLAGS (\\Flagged)" % (uid, "+" if state[uid] else "-"))
             t0 = time.time()
             t1, h = wait_fetch(c, uid, state[uid], h, poll + 30)
             lat.append(t1 - t0)
-            p.check()
+            check(p)
         c.send("DONE\r\n")
         d.cmd("z", "LOGOUT")
         return lat
@@ -253,30 +187,29 @@ def latency(poll):
 
 
 def pubsub():
-    a = Proxy("pubsub-a", "--poll-interval", "60", "--log-level", "info")
-    b = Proxy("pubsub-b", "--poll-interval", "60", "--log-level", "info")
+    a = proxy("--poll-interval", "60")
+    b = proxy("--poll-interval", "60")
     try:
         mbox = new_mailbox()
         x, h = idling(a, mbox)
-        y = Client(b.port)
-        y.login()
-        y.cmd("e", "ENABLE QRESYNC")
-        y.cmd("s", "SELECT %s" % mbox)
+        y = client(b)
+        ok(y, "e", "ENABLE QRESYNC")
+        ok(y, "s", "SELECT %s" % mbox)
         d = direct()
-        d.cmd("s", "SELECT %s" % mbox)
+        ok(d, "s", "SELECT %s" % mbox)
         lat, noop = [], []
         for i in range(PUBSUB_CHANGES):
             time.sleep(random.uniform(0, 1))
             uid = 1 + i % 10
             on = i % 20 < 10
-            d.cmd("t%d" % i, "UID STORE %d %sFLAGS (\\Flagged)" % (uid, "+" if on else "-"))
+            ok(d, "t%d" % i, "UID STORE %d %sFLAGS (\\Flagged)" % (uid, "+" if on else "-"))
             t0 = time.time()
-            y.cmd("n%d" % i, "NOOP")
+            ok(y, "n%d" % i, "NOOP")
             noop.append(time.time() - t0)
             t1, h = wait_fetch(x, uid, on, h, 30)
             lat.append(t1 - t0)
-            a.check()
-            b.check()
+            check(a)
+            check(b)
         x.send("DONE\r\n")
         return lat, noop
     finally:
@@ -285,15 +218,14 @@ def pubsub():
 
 
 def commands():
-    p = Proxy("commands", "--poll-interval", str(RATE_POLL), "--log-level", "debug")
+    p = proxy("--poll-interval", str(RATE_POLL))
     cs = []
     try:
         mbox = new_mailbox()
         for i in range(SESSIONS):
-            c = Client(p.port)
-            c.login()
-            c.cmd("e", "ENABLE CONDSTORE")
-            c.cmd("s", "SELECT %s" % mbox)
+            c = client(p)
+            ok(c, "e", "ENABLE CONDSTORE")
+            ok(c, "s", "SELECT %s" % mbox)
             c.send("i IDLE\r\n")
             if not c.line().startswith(b"+"):
                 raise RuntimeError("IDLE refused")
@@ -303,7 +235,7 @@ def commands():
         t0 = time.time()
         time.sleep(WINDOW)
         span = time.time() - t0
-        p.check()
+        check(p)
         counts = {}
         for m in re.finditer(r'event=command\.internal sid=\w+ cmd="([^"]*)"', p.read_log()[off:]):
             k = m.group(1)
@@ -371,6 +303,6 @@ def main():
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, AssertionError, EOFError, OSError) as e:
         print("bench: push: FAILED: %s" % e, file=sys.stderr)
         sys.exit(1)

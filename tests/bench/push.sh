@@ -24,7 +24,7 @@
 # MODSEQ, a MODSEQ not above the client's, or a qresyncd that dies does.
 #
 # Prints "bench: ..." lines and writes build/bench/push.md; qresyncd's logs
-# in build/bench/push.qresyncd.*.log. Knobs (environment):
+# (debug level) in build/bench/push.logs/. Knobs (environment):
 #   BENCH_PUSH_UPSTREAM=courier|dovecot  BENCH_PUSH_CHANGES=50
 #   BENCH_PUSH_POLLS="2 10"  BENCH_PUSH_PUBSUB_CHANGES=10 (0: leave out)
 #   BENCH_PUSH_SESSIONS=100  BENCH_PUSH_RATE_POLL=10  BENCH_PUSH_WINDOW=60
@@ -73,9 +73,11 @@ dovecot)
 esac
 say "push: upstream $UP_NAME 127.0.0.1:$UP_PORT (pid $UP_PID); redis 127.0.0.1:$REDIS_PORT (pid $REDIS_PID)"
 
+rm -rf "$OUT/push.logs"
+mkdir -p "$OUT/push.logs"
 rc=0
 PB_UPSTREAM_PORT=$UP_PORT PB_UPSTREAM=$UP_NAME PB_REDIS_PORT=$REDIS_PORT \
-    PB_QRESYNCD=$QRESYNCD PB_QRESYNCD_ARGS="${QRESYNCD_ARGS[*]}" PB_OUT=$OUT/push.md PB_LOGDIR=$OUT \
+    PB_QRESYNCD=$QRESYNCD PB_QRESYNCD_ARGS="${QRESYNCD_ARGS[*]}" PB_OUT=$OUT/push.md PB_LOGDIR=$OUT/push.logs \
     PB_CHANGES=${BENCH_PUSH_CHANGES:-50} PB_POLLS=${BENCH_PUSH_POLLS:-"2 10"} \
     PB_PUBSUB_CHANGES=${BENCH_PUSH_PUBSUB_CHANGES:-10} PB_SESSIONS=${BENCH_PUSH_SESSIONS:-100} \
     PB_RATE_POLL=${BENCH_PUSH_RATE_POLL:-10} PB_WINDOW=${BENCH_PUSH_WINDOW:-60} \

@@ -283,6 +283,34 @@ class Direct:
             pass
 
 
+class Rig:
+    """What a test starts: qresyncd processes and direct upstream
+    connections, stopped and closed (by PID) when the with block ends."""
+
+    def __init__(self):
+        self.procs, self.directs = [], []
+
+    def proxy(self, up, *args, **kw):
+        p = proxy(up, *args, **kw)
+        self.procs.append(p)
+        return p
+
+    def direct(self, up, mbox):
+        d = Direct(up, mbox)
+        self.directs.append(d)
+        return d
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for d in self.directs:
+            d.close()
+        for p in self.procs:
+            p.stop()
+        return False
+
+
 def view_of(c, tag):
     """{uid: (flags, modseq)} of UID FETCH 1:* (FLAGS MODSEQ) through c."""
     lines = q.ok(c.cmd(tag, "UID FETCH 1:* (FLAGS MODSEQ)"), tag)
@@ -312,13 +340,12 @@ def u4_cs21_cs22_qr40_qr41_idling_qresync_client_gets_oob_changes_within_poll_in
     upstream's."""
     need_poll()
     mbox = q.new_mailbox(up, 6)
-    p = proxy(up, poll=POLL)
-    d = None
-    try:
+    with Rig() as rig:
+        p = rig.proxy(up, poll=POLL)
         c = q.qsession(p)
         h0 = select_cmd(c, "s", mbox)
         idle_start(c, "i")
-        d = Direct(up, mbox)
+        d = rig.direct(up, mbox)
         got = []
         within = POLL + SLACK
 
@@ -359,10 +386,6 @@ def u4_cs21_cs22_qr40_qr41_idling_qresync_client_gets_oob_changes_within_poll_in
         # Nothing more is due: a NOOP has nothing to tell.
         lines = q.ok(c.cmd("n", "NOOP"), "n")
         assert not any(b"FETCH" in l or b"VANISHED" in l or b"EXISTS" in l for l in lines), lines
-    finally:
-        if d:
-            d.close()
-        p.stop()
 
 
 @both
@@ -373,12 +396,11 @@ def cs21_cs22_condstore_client_polling_with_noop_gets_changes_with_right_numbers
     within poll-interval + 2 s, in the answers of its NOOPs. Runs without
     --poll-interval too (a client's NOOP asks the upstream itself)."""
     mbox = q.new_mailbox(up, 6)
-    p = proxy(up, poll=POLL)
-    d = None
-    try:
+    with Rig() as rig:
+        p = rig.proxy(up, poll=POLL)
         c = csession(p)
         h0 = select_cmd(c, "s", mbox, condstore=True)
-        d = Direct(up, mbox)
+        d = rig.direct(up, mbox)
         t = d.do("UID STORE 5 +FLAGS (\\Answered)", "UID STORE 2,4 +FLAGS (\\Deleted)",
                  "EXPUNGE")
         d.append("late")
@@ -411,10 +433,6 @@ def cs21_cs22_condstore_client_polling_with_noop_gets_changes_with_right_numbers
                 assert fetch_of(l)[3] is not None, ("CS-21: MODSEQ on every FETCH", l)
         v = view_of(c, "v")
         assert {u: fl for u, (fl, _) in v.items()} == q.truth(up, mbox)
-    finally:
-        if d:
-            d.close()
-        p.stop()
 
 
 @both
@@ -427,12 +445,11 @@ def qr41_cs21_fetch_right_after_new_mail_answers_every_message(up):
     short = []
     for r in range(12):
         mbox = q.new_mailbox(up, 6)
-        p = proxy(up, poll=POLL)
-        d = None
-        try:
+        with Rig() as rig:
+            p = rig.proxy(up, poll=POLL)
             c = q.qsession(p)
             h0 = select_cmd(c, "s", mbox)
-            d = Direct(up, mbox)
+            d = rig.direct(up, mbox)
             d.append("new")
             lines = q.ok(c.cmd("n", "NOOP"), "n")
             assert b"* 7 EXISTS" in lines, lines
@@ -442,10 +459,6 @@ def qr41_cs21_fetch_right_after_new_mail_answers_every_message(up):
                 short.append((r, lines))
             else:
                 assert f[7][3] is not None and f[7][3] > h0, lines
-        finally:
-            if d:
-                d.close()
-            p.stop()
     assert not short, ("%d of 12 rounds did not answer every message; e.g. round %d: %r" %
                        (len(short), short[0][0], short[0][1]))
 
@@ -459,12 +472,11 @@ def gen741_between_commands_flags_and_exists_pushed_expunges_held_until_a_comman
     need_poll()
     for qresync in (True, False):
         mbox = q.new_mailbox(up, 6)
-        p = proxy(up, poll=POLL)
-        d = None
-        try:
+        with Rig() as rig:
+            p = rig.proxy(up, poll=POLL)
             c = q.qsession(p) if qresync else csession(p)
             h0 = select_cmd(c, "s", mbox, condstore=not qresync)
-            d = Direct(up, mbox)
+            d = rig.direct(up, mbox)
             t = d.do("UID STORE 2 +FLAGS (\\Deleted)", "EXPUNGE", "UID STORE 5 +FLAGS (\\Flagged)")
             d.append("new")
             got = []
@@ -487,10 +499,6 @@ def gen741_between_commands_flags_and_exists_pushed_expunges_held_until_a_comman
                 assert b"* 2 EXPUNGE" in lines, lines
             lines = q.ok(c.cmd("f", "FETCH 1:* (UID)"), "f")
             assert [fetch_of(l)[1] for l in lines[:-1] if fetch_of(l)] == [1, 3, 4, 5, 6, 7], lines
-        finally:
-            if d:
-                d.close()
-            p.stop()
 
 
 @both
@@ -502,13 +510,12 @@ def u4_client_done_racing_the_virtual_idle_ends_idle_once(up):
     few rounds give the internal NOOPs something to report."""
     need_poll()
     mbox = q.new_mailbox(up, 4)
-    p = proxy(up, poll=1)
-    d = None
     rnd = random.Random(7)
-    try:
+    with Rig() as rig:
+        p = rig.proxy(up, poll=1)
         c = q.qsession(p)
         select_cmd(c, "s", mbox)
-        d = Direct(up, mbox)
+        d = rig.direct(up, mbox)
         sleeps = []
         for i in range(20):
             tag = "i%d" % i
@@ -532,29 +539,24 @@ def u4_client_done_racing_the_virtual_idle_ends_idle_once(up):
         log = p.read_log()
         internal = len(re.findall(r'event=command\.internal sid=\w+ cmd="(?:DONE|IDLE|NOOP)"', log))
         assert internal > 0, "the virtual IDLE ran internal commands during the test"
-    finally:
-        if d:
-            d.close()
-        p.stop()
 
 
 # ------------------------------------------------------------------ fleet
 
-def fleet_same_modseq(up, url=None, db=None):
+def fleet_same_modseq(up, url=None):
     """Three processes with one Redis, a QRESYNC client idling on each with
     mbox selected: one out-of-band change reaches all three with the same
     MODSEQ, within poll-interval + 2 s."""
     mbox = q.new_mailbox(up, 5)
-    ps = [proxy(up, poll=POLL, url=url) for _ in range(3)]
-    d = None
-    try:
+    with Rig() as rig:
+        ps = [rig.proxy(up, poll=POLL, url=url) for _ in range(3)]
         cs = []
         for i, p in enumerate(ps):
             c = q.qsession(p)
             select_cmd(c, "s", mbox)
             idle_start(c, "i")
             cs.append(c)
-        d = Direct(up, mbox)
+        d = rig.direct(up, mbox)
         t = d.do("UID STORE 3 +FLAGS (\\Flagged)")
         seen = []
         for i, c in enumerate(cs):
@@ -566,11 +568,6 @@ def fleet_same_modseq(up, url=None, db=None):
         assert None not in seen and len(set(seen)) == 1, ("one change, one MODSEQ", seen)
         for c in cs:
             idle_done(c, "i")
-    finally:
-        if d:
-            d.close()
-        for p in ps:
-            p.stop()
 
 
 def fleet_pubsub(up, url=None):
@@ -580,9 +577,8 @@ def fleet_pubsub(up, url=None):
     On Dovecot the upstream's own IDLE may tell them first; on Courier (IDLE
     a 60-second poll, U4) only the pub/sub path can."""
     mbox = q.new_mailbox(up, 5)
-    ps = [proxy(up, poll=60, url=url) for _ in range(3)]
-    d = None
-    try:
+    with Rig() as rig:
+        ps = [rig.proxy(up, poll=60, url=url) for _ in range(3)]
         cs = []
         for p in ps:
             c = q.qsession(p)
@@ -593,7 +589,7 @@ def fleet_pubsub(up, url=None):
         time.sleep(1.0)
         w = q.qsession(ps[0])
         select_cmd(w, "s", mbox)
-        d = Direct(up, mbox)
+        d = rig.direct(up, mbox)
         d.do("UID STORE 4 +FLAGS (\\Answered)")
         lines = []
         deadline = time.time() + 5
@@ -613,11 +609,6 @@ def fleet_pubsub(up, url=None):
             print("   %s: process %d heard %.2f s after the NOOP's answer" % (up, i, got[-1][0] - t))
         for c in cs:
             idle_done(c, "i")
-    finally:
-        if d:
-            d.close()
-        for p in ps:
-            p.stop()
 
 
 @both
@@ -762,8 +753,8 @@ def inv3_process_killed_mid_snapshot_leaves_no_stuck_lease_and_no_half_state(up)
     assert len(tr) == BIG, len(tr)
     for delay in (0.0, 0.4):
         redis(up, "FLUSHDB")  # every round starts with no state: a full first snapshot
-        a = proxy(up, poll=POLL)
-        try:
+        with Rig() as rig:
+            a = rig.proxy(up, poll=POLL)
             c = q.qsession(a)
             c.send("s SELECT %s\r\n" % mbox)
             deadline = time.time() + 30
@@ -780,13 +771,10 @@ def inv3_process_killed_mid_snapshot_leaves_no_stuck_lease_and_no_half_state(up)
             if delay == 0:
                 assert not any(l.startswith(b"s OK") for l in before), (
                     "the kill came after the SELECT was answered: not mid-snapshot", before[-3:])
-        finally:
-            a.stop()
         stuck = lease_keys_without_expiry(up)
         assert not stuck, ("lease keys without expiry", stuck)
-        b = proxy(up, poll=POLL)
-        try:
-            c = q.qsession(b)
+        with Rig() as rig:
+            c = q.qsession(rig.proxy(up, poll=POLL))
             t0 = time.time()
             c.s.settimeout(LEASE_BOUND + 30)
             lines = q.ok(c.cmd("s", "SELECT %s" % mbox), "s")
@@ -800,21 +788,14 @@ def inv3_process_killed_mid_snapshot_leaves_no_stuck_lease_and_no_half_state(up)
             bad = [(u, m) for u, (_, m) in v.items() if not 0 < m <= h]
             assert not bad, ("MODSEQ above HIGHESTMODSEQ %d" % h, bad[:5])
             # A second fresh process agrees (one state, not two).
-            b2 = proxy(up, poll=POLL)
-            try:
-                c2 = q.qsession(b2)
-                h2 = q.highest(q.ok(c2.cmd("s", "SELECT %s" % mbox), "s"))
-                assert h2 >= h, (h2, h)
-                v2 = view_of(c2, "f")
-                assert {u: m for u, (_, m) in v2.items()} == {u: m for u, (_, m) in v.items()}, \
-                    "both processes report the same MODSEQs"
-            finally:
-                b2.stop()
+            c2 = q.qsession(rig.proxy(up, poll=POLL))
+            h2 = q.highest(q.ok(c2.cmd("s", "SELECT %s" % mbox), "s"))
+            assert h2 >= h, (h2, h)
+            v2 = view_of(c2, "f")
+            assert {u: m for u, (_, m) in v2.items()} == {u: m for u, (_, m) in v.items()}, \
+                "both processes report the same MODSEQs"
             print("   %s: killed %.1f s after the snapshot went out; fresh SELECT %.1f s" %
                   (up, delay, took))
-        finally:
-            b.stop()
-
 
 # ------------------------------------------------------ idle sessions
 
@@ -830,9 +811,8 @@ def count_internal(logs, since):
 
 def idle_sessions(up, nproc, n=50, intervals=5):
     mbox = q.new_mailbox(up, 10)
-    ps = [proxy(up, poll=POLL) for _ in range(nproc)]
-    d = None
-    try:
+    with Rig() as rig:
+        ps = [rig.proxy(up, poll=POLL) for _ in range(nproc)]
         cs = []
         for i in range(n):
             c = q.qsession(ps[i % nproc])
@@ -843,7 +823,7 @@ def idle_sessions(up, nproc, n=50, intervals=5):
         time.sleep(0.5)
         since = [len(p.read_log()) for p in ps]
         t0 = time.time()
-        d = Direct(up, mbox)
+        d = rig.direct(up, mbox)
         time.sleep(POLL * intervals / 2.0)
         d.do("UID STORE 7 +FLAGS (\\Seen)")  # something for the polls to find
         time.sleep(max(0, t0 + POLL * intervals - time.time()))
@@ -864,11 +844,6 @@ def idle_sessions(up, nproc, n=50, intervals=5):
         assert snaps <= int(span) + 1, (
             "at most one flag snapshot per poll interval: %d in %.1f intervals" % (snaps, span))
         assert noops > 0, "the sessions poll"
-    finally:
-        if d:
-            d.close()
-        for p in ps:
-            p.stop()
 
 
 @both
