@@ -102,6 +102,9 @@ static const struct cfg_opt cfg_opts[] = {
      "err, warn, info or debug"},
     {"condstore", CFG_T_BOOL, CFG_FIELD(condstore), 0, "no", 0, 0, 0, "BOOL",
      "offer CONDSTORE and QRESYNC (RFC 7162) to clients; needs redis"},
+    {"poll-interval", CFG_T_DUR, CFG_FIELD(poll_interval), 0, "10", 0, HOUR, 0, "DUR",
+     "a CONDSTORE session with a mailbox selected asks the upstream for changes (NOOP; in "
+     "IDLE the proxy's own DONE, NOOP, IDLE) this often; 0: never"},
     {"snapshot-freshness", CFG_T_DUR, CFG_FIELD(snapshot_freshness), 0, "0", 0, HOUR, 0, "DUR",
      "a complete snapshot of a mailbox younger than this (taken by any session or process) is "
      "used instead of asking the upstream again; 0: always ask"},

@@ -52,6 +52,9 @@
  *   log-level LEVEL       info          err|warn|info|debug
  *   condstore BOOL        no            offer CONDSTORE and QRESYNC; needs
  *                                       redis
+ *   poll-interval DUR     10            [0, 1h] selected mailboxes of
+ *                                       CONDSTORE sessions are polled (NOOP,
+ *                                       virtual IDLE); 0: never
  *   snapshot-freshness DUR 0           [0, 1h] a complete snapshot younger
  *                                       than this is reused; 0: off
  *   upstream-max-line SIZE 8k          [1k, 16m] computed sets are split
@@ -148,6 +151,7 @@ struct cfg {
     bool condstore;                /* offer CONDSTORE and QRESYNC; needs redis */
     uint64_t max_tracked_messages; /* larger mailboxes get NOMODSEQ; 0: no limit */
     uint64_t snapshot_freshness;   /* seconds; 0: every refresh asks the upstream */
+    uint64_t poll_interval;        /* seconds; 0: no polling of selected mailboxes */
     uint64_t upstream_max_line;    /* computed upstream command lines are split above it */
 
     /* TLS (proxy/tls.h). */

@@ -90,6 +90,26 @@ void cmd_pending_retire(struct sess *s)
         if (is_starttls)
             sess_tls_starttls_go(s); /* its OK is queued: the handshake follows */
     }
+    /* The proxy's own commands that completed behind an open one (a poll
+     * during the client's IDLE, issue 7) answer nobody: freed now. */
+    for (struct pending **pp = &s->head; *pp != NULL && !s->is_closing;) {
+        struct pending *p = *pp;
+        if (!(p->is_internal && p->is_done && p->local == NULL)) {
+            pp = &p->next;
+            continue;
+        }
+        *pp = p->next;
+        if (s->tail == p)
+            s->tail = NULL;
+        if (s->rl_cmd == p)
+            s->rl_cmd = NULL;
+        s->n_pending--;
+        pending_free(&p);
+    }
+    if (s->tail == NULL) {
+        for (struct pending *p = s->head; p != NULL; p = p->next)
+            s->tail = p;
+    }
     if (s->head == NULL && !s->is_closing)
         sync_idle(s);
 }

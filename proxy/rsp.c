@@ -165,6 +165,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         s->rl_enrich = s->rl_search = s->rl_drop = false;
         s->rl_uidnext = s->rl_expunge = s->rl_vanished = false;
         s->rl_stat = s->rl_stat_next = s->rl_renumbered = false;
+        s->rl_cont_swallowed = s->rl_cont_noraw = s->rl_idle_swallowed = false;
         s->rl_status_line = false; /* proxy/side.h */
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
@@ -301,14 +302,16 @@ static void rsp_line_done(struct sess *s)
     if (s->rl_has_num && strcmp(s->rl_word2, "EXPUNGE") == 0 && !s->rl_vanished)
         sync_expunge(s, s->rl_num);
 
-    if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) &&
+    if (s->rl_kind == RL_CONT && tok_at_line_start(&s->cli.tok) && !s->rl_cont_noraw &&
         (s->last_kind == CMD_AUTHENTICATE || s->last_kind == CMD_IDLE)) {
         /* The client's next line answers this continuation (RFC 3501
          * §6.2.2 SASL data, RFC 2177 DONE): relay it raw. */
         s->raw_lines = 1;
     }
 
-    if (s->rl_kind == RL_TAGGED && p != NULL) {
+    if (s->rl_kind == RL_TAGGED && p != NULL && s->rl_idle_swallowed) {
+        /* the proxy's own end of the upstream IDLE: the client's goes on */
+    } else if (s->rl_kind == RL_TAGGED && p != NULL) {
         bool ok = strcasecmp(s->rl_status, "OK") == 0;
         if ((p->kind == CMD_LOGIN || p->kind == CMD_AUTHENTICATE) && ok) {
             sess_logged_in(s);
@@ -360,6 +363,10 @@ static bool rsp_keep_tagged(struct sess *s, const char *b, size_t len)
         return false;
     if (p->kind == CMD_INTERNAL)
         return true;
+    if (p->kind == CMD_IDLE && sync_swallows_idle_end(s, p)) {
+        s->rl_idle_swallowed = true; /* issue 7: the virtual IDLE */
+        return true;
+    }
     if (!sync_holds_tagged(s, p))
         return false;
     size_t skip = s->up.tag_end < len ? s->up.tag_end : len;
@@ -385,6 +392,9 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
                 sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,
                                  s->fp_flags.len))) {
         /* held for its MODSEQ (proxy/sync.c) */
+    } else if (is_eol && s->rl_kind == RL_CONT &&
+               (s->rl_cont_swallowed = sync_cont_line(s, &s->rl_cont_noraw))) {
+        /* the virtual IDLE's own continuation (issue 7) */
     } else if (is_eol && s->rl_expunge && (s->rl_vanished = sync_vanish_line(s, s->rl_num))) {
         /* QR-40: sent as `* VANISHED uid` once recorded (proxy/sync.c) */
     } else if (is_eol && s->rl_status_line && side_status_line(s, b, len)) {

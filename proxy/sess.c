@@ -111,11 +111,13 @@ static size_t side_raw(struct side *sd, struct buf_chunk *c, const char *p, size
             return take;
         }
         cmd_sasl_line(s, sd->line.p, sd->line.len);
-        sess_send(&s->up, NULL, sd->line.p, sd->line.len);
+        if (!sync_client_done(s))
+            sess_send(&s->up, NULL, sd->line.p, sd->line.len);
         buf_clear(&sd->line, UP_LINE_KEEP);
     } else {
         cmd_sasl_line(s, p, take);
-        sess_send(&s->up, c, p, take);
+        if (!sync_client_done(s))
+            sess_send(&s->up, c, p, take);
     }
     s->raw_lines--;
     return take;
@@ -524,6 +526,7 @@ void sess_close(struct sess *s, const char *reason)
     uv_close((uv_handle_t *)&s->cli.tcp, on_handle_closed);
     uv_close((uv_handle_t *)&s->up.tcp, on_handle_closed);
     uv_close((uv_handle_t *)&s->timer, on_handle_closed);
+    uv_close((uv_handle_t *)&s->poll_timer, on_handle_closed);
 }
 
 static void on_timer(uv_timer_t *t);
@@ -753,7 +756,9 @@ void sess_accept(struct sess_ctx *ctx, uv_stream_t *server, enum sess_listen kin
     uv_tcp_init(ctx->loop, &s->up.tcp);
     uv_timer_init(ctx->loop, &s->timer);
     s->timer.data = s;
-    s->n_handles = 3;
+    uv_timer_init(ctx->loop, &s->poll_timer);
+    s->poll_timer.data = s;
+    s->n_handles = 4;
     s->next = ctx->all;
     if (ctx->all != NULL)
         ctx->all->prev = s;

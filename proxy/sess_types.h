@@ -112,6 +112,7 @@ struct sess {
     struct side cli;
     struct side up;
     uv_timer_t timer;
+    uv_timer_t poll_timer; /* proxy/sync.c: polling the selected mailbox */
     uv_connect_t conn_req;
     unsigned n_handles;
     uint64_t last_active; /* uv_now() of the last client input */
@@ -158,13 +159,16 @@ struct sess {
     bool rl_swallow;   /* the line is the proxy's own data: not relayed */
     bool rl_uidvalidity;
     bool rl_uidnext;
-    bool rl_expunge;    /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
-    bool rl_vanished;   /* ...and was taken by proxy/sync.c */
-    bool rl_stat;       /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
-    bool rl_renumbered; /* the line's number was put in the client's terms */
-    bool rl_stat_next;  /* its UIDNEXT's value comes next */
-    bool rl_enabled;    /* `* ENABLED` of a split ENABLE */
-    bool rl_enrich;     /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
+    bool rl_expunge;        /* `* n EXPUNGE` that becomes VANISHED (QR-40) */
+    bool rl_vanished;       /* ...and was taken by proxy/sync.c */
+    bool rl_stat;           /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
+    bool rl_renumbered;     /* the line's number was put in the client's terms */
+    bool rl_cont_swallowed; /* a continuation answering the proxy's own IDLE */
+    bool rl_cont_noraw;     /* ...after which the client's next line is a command */
+    bool rl_idle_swallowed; /* the end of an upstream IDLE the proxy ended */
+    bool rl_stat_next;      /* its UIDNEXT's value comes next */
+    bool rl_enabled;        /* `* ENABLED` of a split ENABLE */
+    bool rl_enrich;         /* `* n FETCH` that gets UID and MODSEQ (CS-21) */
     bool fp_has_flags;
     bool rl_search; /* `* SEARCH` of a SEARCH MODSEQ (CS-61) */
     bool rl_drop;   /* the upstream's own HIGHESTMODSEQ/NOMODSEQ (X13) */

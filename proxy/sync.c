@@ -23,6 +23,15 @@ enum sel_phase {
     SEL_PLAIN,    /* selected without CONDSTORE: tracked for CS-23 */
 };
 
+/* Where the virtual IDLE stands (issue 7 point 2). */
+enum vidle {
+    VI_NONE = 0,   /* upstream IDLE (if any) is the client's own */
+    VI_ENDING,     /* the proxy sent DONE; the upstream's OK is swallowed */
+    VI_POLLING,    /* the proxy's NOOP runs */
+    VI_LOOKUP,     /* the proxy looks new messages' UIDs up */
+    VI_RESTARTING, /* the proxy sent IDLE again; its `+` is swallowed */
+};
+
 /* One snapshot's collected data: UIDs and flag strings. */
 struct snap {
     uint32_t *uid;
@@ -107,6 +116,15 @@ struct sync {
     char code[64];           /* sync_tagged_code's text */
     struct pending *lookup;  /* UID FETCH n:* of new messages (QR-41) */
     struct pending *status;  /* STATUS (UIDNEXT) for an upstream without [UIDNEXT] */
+
+    /* The synchroniser (issue 7): polls of the selected mailbox, the
+     * virtual IDLE, change events from every process. */
+    enum vidle vidle;
+    struct pending *idle_p; /* the client's IDLE */
+    struct pending *vpoll;  /* the proxy's NOOP of a poll */
+    bool is_client_done;    /* the client's DONE came while the proxy worked */
+    bool is_up_idling;      /* the upstream sent the IDLE continuation */
+    struct store_sub *sub;  /* the selected mailbox's change events */
 };
 
 #define CS_KEYS_MAX 8
@@ -182,6 +200,10 @@ static void on_qr_since(void *arg, int err, const struct store_msg *msgs, size_t
                         const uint32_t *expunged, size_t n_expunged, bool is_complete,
                         const struct store_info *info);
 static void sync_lookup(struct sess *s);
+static void sync_watch(struct sess *s);
+static void sync_poll_arm(struct sess *s);
+static void sync_vidle_after_poll(struct sess *s);
+static void sync_vidle_resume(struct sess *s);
 static void sync_select_observed(struct sess *s, uint64_t highest);
 static void log_fresh(struct sess *s, const char *what);
 static void sync_refresh_upstream(struct sess *s);
@@ -222,6 +244,7 @@ void sync_fini(struct sess *s)
     if (y == NULL)
         return;
     store_req_cancel(&y->req);
+    store_unsubscribe(&y->sub);
     store_mbox_free(&y->mb);
     msgmap_fini(&y->map);
     snap_fini(&y->snap);
@@ -260,6 +283,8 @@ void sync_select_sent(struct sess *s, struct pending *p, const char *mbox, size_
     if (y == NULL)
         y = s->sync = xcalloc(1, sizeof(*y));
     store_req_cancel(&y->req);
+    store_unsubscribe(&y->sub);
+    uv_timer_stop(&s->poll_timer);
     store_mbox_free(&y->mb);
     free(y->mailbox);
     y->mailbox = mbox != NULL ? xmemdup(mbox, len) : NULL;
@@ -521,6 +546,7 @@ static void on_select_info(void *arg, int err, const struct store_info *info)
  * adds in y->extra), then its tagged completion. */
 static void sync_select_done(struct sess *s)
 {
+    sync_watch(s);
     struct sync *y = s->sync;
     char code[64];
     /* X2: HIGHESTMODSEQ is never 0; the store's clock guarantees it. */
@@ -592,16 +618,22 @@ static void sync_select_snapshot(struct sess *s)
         sync_store_lost(s, rc);
 }
 
-/* A fresh snapshot stood for the session's own (debug log). */
-static void log_fresh(struct sess *s, const char *what)
+/* A debug log line `event sid=.. key=what`. */
+static void log_debug_str(struct sess *s, const char *event, const char *key, const char *what)
 {
     if (!log_on(LOG_DEBUG))
         return;
     struct log_line l;
-    log_begin(&l, LOG_DEBUG, "sync.fresh_snapshot");
+    log_begin(&l, LOG_DEBUG, event);
     log_hex(&l, "sid", s->id);
-    log_str(&l, "for", what);
+    log_str(&l, key, what);
     log_end(&l);
+}
+
+/* A fresh snapshot stood for the session's own. */
+static void log_fresh(struct sess *s, const char *what)
+{
+    log_debug_str(s, "sync.fresh_snapshot", "for", what);
 }
 
 /* `STATUS "mbox" (UIDNEXT)` with the name quoted (RFC 3501 quoted). */
@@ -685,7 +717,20 @@ void sync_completed(struct sess *s, struct pending *p, bool is_ok)
     }
     if (p == y->lookup) {
         y->lookup = NULL;
+        if (y->vidle == VI_LOOKUP) {
+            sync_vidle_resume(s);
+            return;
+        }
         sync_lookup(s); /* EXISTS may have grown again meanwhile */
+        return;
+    }
+    if (p == y->vpoll) {
+        y->vpoll = NULL;
+        if (y->vidle == VI_POLLING) {
+            sync_vidle_after_poll(s);
+            return;
+        }
+        sync_poll_arm(s);
         return;
     }
     if (p == y->filter_cmd) {
@@ -835,7 +880,6 @@ static void on_batch_observed(void *arg, int err, const struct store_result *res
     struct ebatch *b = arg;
     struct sess *s = b->s;
     struct sync *y = s->sync;
-    (void)res;
 
     b->req = NULL;
     if (s->is_closing)
@@ -844,6 +888,8 @@ static void on_batch_observed(void *arg, int err, const struct store_result *res
         sync_store_lost(s, err < 0 ? err : QR_ESTATE);
         return;
     }
+    if (res != NULL && res->highest > y->highest)
+        y->highest = res->highest; /* change events up to it are ours */
     for (unsigned i = 0; i < b->n; i++) {
         struct eline *e = &y->eq[(b->first + i) % ENRICH_MAX];
         /* The line's own modseq: new when its flags changed, kept
@@ -2384,4 +2430,192 @@ static void sync_lookup(struct sess *s)
     char cmd[64];
     snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", first);
     y->lookup = cmd_internal(s, cmd);
+}
+
+/* ------------------------------------ the synchroniser (issue 7) */
+
+/* Log one of the proxy's own upstream lines that is not a tagged command
+ * (DONE), as cmd_internal() logs the others. */
+static void log_internal(struct sess *s, const char *what)
+{
+    log_debug_str(s, "command.internal", "cmd", what);
+}
+
+/* Ask the upstream for changes now: a NOOP between commands, or the
+ * virtual IDLE (DONE, NOOP, IDLE) while the client idles. Anything else
+ * in progress: later. */
+static void sync_poll_now(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (s->is_closing || y == NULL || y->phase != SEL_DONE || y->mb == NULL)
+        return;
+    if (y->vpoll != NULL || y->vidle != VI_NONE || y->fetch != NULL || y->upgrade != NULL ||
+        y->lookup != NULL || y->is_snapping || y->eq_n > 0 || y->req != NULL) {
+        sync_poll_arm(s);
+        return;
+    }
+    const struct pending *p = sync_current(s);
+    if (p == NULL && s->head == NULL) {
+        /* Between commands: what it reports is unsolicited data; expunges
+         * wait for the client's next command (CS-66). */
+        y->vpoll = cmd_internal(s, "NOOP");
+        sess_flush(s);
+        return;
+    }
+    if (p != NULL && p->kind == CMD_IDLE && p->next == NULL && y->is_up_idling &&
+        s->raw_lines > 0) {
+        /* The client idles: end the upstream's IDLE, look, idle again,
+         * invisibly (issue 7 point 2). */
+        y->idle_p = (struct pending *)p;
+        y->vidle = VI_ENDING;
+        sess_send(&s->up, NULL, "DONE\r\n", 6);
+        log_internal(s, "DONE");
+        sess_flush(s);
+        return;
+    }
+    sync_poll_arm(s); /* the client's commands run: they see changes */
+}
+
+static void on_poll_timer(uv_timer_t *t)
+{
+    sync_poll_now(t->data);
+}
+
+static void sync_poll_arm(struct sess *s)
+{
+    uint64_t every = s->ctx->cfg->poll_interval;
+    if (every != 0 && !s->is_closing && s->sync != NULL && s->sync->phase == SEL_DONE)
+        uv_timer_start(&s->poll_timer, on_poll_timer, 1000 * every, 0);
+}
+
+/* A change of the selected mailbox observed by any session of any process
+ * (issue 7 point 3): one this session has not seen makes it look now. */
+static void on_mbox_event(void *arg, uint32_t uidvalidity, uint64_t highest)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (s->is_closing || y == NULL || uidvalidity != y->uidvalidity || highest <= y->highest)
+        return;
+    if (log_on(LOG_DEBUG)) {
+        struct log_line l;
+        log_begin(&l, LOG_DEBUG, "sync.event");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "highest", highest);
+        log_end(&l);
+    }
+    sync_poll_now(s);
+}
+
+/* A tracked selection is ready: poll it, and hear of its changes. */
+static void sync_watch(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y->mb == NULL || s->ctx->cfg->poll_interval == 0)
+        return;
+    store_unsubscribe(&y->sub);
+    if (store_subscribe(y->mb, on_mbox_event, s, &y->sub) < 0)
+        y->sub = NULL; /* polling alone, then */
+    sync_poll_arm(s);
+}
+
+bool sync_cont_line(struct sess *s, bool *no_raw)
+{
+    struct sync *y = s->sync;
+
+    *no_raw = false;
+    if (y == NULL || s->last_kind != CMD_IDLE)
+        return false;
+    y->is_up_idling = true;
+    if (y->vidle != VI_RESTARTING)
+        return false; /* the client's own IDLE: relayed */
+    y->vidle = VI_NONE;
+    if (y->is_client_done) {
+        /* The client said DONE meanwhile: now the upstream may hear it;
+         * its OK goes to the client's IDLE. */
+        y->is_client_done = false;
+        y->is_up_idling = false;
+        sess_send(&s->up, NULL, "DONE\r\n", 6);
+        *no_raw = true;
+    }
+    sync_poll_arm(s);
+    return true; /* the client has had its continuation */
+}
+
+bool sync_swallows_idle_end(struct sess *s, const struct pending *p)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || y->vidle != VI_ENDING || p != y->idle_p)
+        return false;
+    /* The upstream's IDLE ended for the proxy: the client's goes on. */
+    y->is_up_idling = false;
+    y->vidle = VI_POLLING;
+    y->vpoll = cmd_internal(s, "NOOP");
+    return true;
+}
+
+/* The poll's NOOP is done: look new messages up, then idle again (or end
+ * the client's IDLE if it said DONE meanwhile). */
+static void sync_vidle_after_poll(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (!msgmap_is_complete(&y->map) && !y->is_client_done) {
+        char cmd[64];
+        snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", msgmap_first_unknown(&y->map));
+        y->vidle = VI_LOOKUP;
+        y->lookup = cmd_internal(s, cmd);
+        sess_flush(s);
+        return;
+    }
+    sync_vidle_resume(s);
+}
+
+static void sync_vidle_resume(struct sess *s)
+{
+    struct sync *y = s->sync;
+    struct pending *p = y->idle_p;
+
+    y->idle_p = NULL;
+    if (y->is_client_done) {
+        /* RFC 2177: DONE ends IDLE with its tagged OK, given here since
+         * the upstream's IDLE ended already. */
+        static const char text[] = " OK IDLE terminated\r\n";
+        y->is_client_done = false;
+        y->vidle = VI_NONE;
+        p->local = xmalloc(p->tag_len + sizeof(text));
+        memcpy(p->local, p->tag, p->tag_len);
+        memcpy(p->local + p->tag_len, text, sizeof(text) - 1);
+        p->local_len = p->tag_len + sizeof(text) - 1;
+        p->is_done = true;
+        cmd_pending_retire(s);
+        sess_flush(s);
+        sync_poll_arm(s);
+        return;
+    }
+    y->idle_p = p;
+    y->vidle = VI_RESTARTING;
+    p->up_tag = ++s->next_tag;
+    char line[40];
+    int n = snprintf(line, sizeof(line), "Q%llu IDLE\r\n", (unsigned long long)p->up_tag);
+    sess_send(&s->up, NULL, line, (size_t)n);
+    log_internal(s, "IDLE");
+    sess_flush(s);
+}
+
+bool sync_client_done(struct sess *s)
+{
+    struct sync *y = s->sync;
+
+    if (y == NULL || s->last_kind != CMD_IDLE)
+        return false;
+    if (y->vidle == VI_NONE) {
+        y->is_up_idling = false; /* relayed: the upstream's OK ends it */
+        return false;
+    }
+    y->is_client_done = true; /* answered once the proxy's work is done */
+    return true;
 }

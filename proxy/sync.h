@@ -211,6 +211,20 @@ bool sync_can_upgrade(const struct sess *s);
  * `* OK [HIGHESTMODSEQ n]` and replay the command (proxy/cmd.c). */
 void sync_upgrade(struct sess *s, const char *line, size_t len, bool is_enable);
 
+/* Issue 7, the virtual IDLE. An upstream continuation line while the
+ * client's last command is IDLE: true when it is the answer to the proxy's
+ * own re-sent IDLE and is not relayed (*no_raw: the client's DONE was
+ * already taken, so its next line is a command). */
+bool sync_cont_line(struct sess *s, bool *no_raw);
+
+/* The tagged completion of p, the client's IDLE, is the end of the
+ * upstream IDLE the proxy ended itself: not relayed, p stays open. */
+bool sync_swallows_idle_end(struct sess *s, const struct pending *p);
+
+/* The client's DONE of its IDLE: true when the proxy takes it (its own
+ * commands are running upstream; the client's IDLE is answered after). */
+bool sync_client_done(struct sess *s);
+
 /* No client command is in flight any more (proxy/cmd.c). */
 void sync_idle(struct sess *s);
 

@@ -31,7 +31,9 @@ def proxy(up="dovecot", *args):
     # Both upstreams serve the same user and mailboxes with the same
     # UIDVALIDITY: each gets its own Redis database.
     db = {"dovecot": 0, "courier": 1}[up]
-    return pb.offering(pb.Proxy("--condstore", "--redis",
+    # No polling (issue 7, tests/integration/sync.py): these tests expect
+    # nothing the client did not ask for.
+    return pb.offering(pb.Proxy("--condstore", "--poll-interval", "0", "--redis",
                                 "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
                                 upstream=UPSTREAMS[up]))
 

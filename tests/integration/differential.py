@@ -158,8 +158,9 @@ class Target:
             # Each proxied target keeps its state in its own Redis database:
             # both upstreams serve the same user, mailbox and UIDVALIDITY.
             for _ in range(2):
+                # Scripted sessions: no polling, nothing unasked-for.
                 self.proxies.append(pb.Proxy(
-                    "--condstore", "--redis",
+                    "--condstore", "--poll-interval", "0", "--redis",
                     "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
                     upstream=self.upstream))
 
@@ -175,7 +176,7 @@ class Target:
                 logs.append(p.read_log())
                 p.stop()
                 self.proxies[n] = pb.Proxy(
-                    "--condstore", "--redis",
+                    "--condstore", "--poll-interval", "0", "--redis",
                     "redis://127.0.0.1:%d/%d" % (REDIS_PORT, self.redis_db),
                     upstream=self.upstream)
         return "\n".join(logs)

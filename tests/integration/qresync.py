@@ -30,7 +30,9 @@ def proxy(up="dovecot", *args, db=None):
     # status.py 2 and 3); a test may ask for another.
     if db is None:
         db = DB[up]
-    return pb.offering(pb.Proxy("--condstore", "--redis",
+    # No polling (issue 7, tests/integration/sync.py): these tests expect
+    # nothing the client did not ask for.
+    return pb.offering(pb.Proxy("--condstore", "--poll-interval", "0", "--redis",
                                 "redis://127.0.0.1:%d/%d" % (REDIS_PORT, db), *args,
                                 upstream=UPSTREAMS[up]))
 
@@ -741,6 +743,55 @@ def gen04_long_computed_sets_are_split_under_upstream_max_line(up):
         lines = c.cmd("q", "UID SEARCH MODSEQ %d" % (h1 + 1))
         assert lines[-1].startswith(b"q NO [LIMIT]") or lines[-1].startswith(b"q OK"), lines
         ok(c.cmd("z", "NOOP"), "z")
+    finally:
+        p.stop()
+
+
+@both
+def issue7_virtual_idle_pushes_out_of_band_changes_and_done_ends_it_once(up):
+    """Issue 7 point 2: an idling QRESYNC client hears of a flag change,
+    an expunge and new mail made behind the proxy within poll-interval
+    (1 s here) + 2 s, with UID/MODSEQ/VANISHED; its DONE, even while the
+    proxy's own DONE/NOOP/IDLE run, ends its IDLE with one tagged OK."""
+    mbox = new_mailbox(up, 5)
+    p = proxy(up, "--poll-interval", "1")
+    try:
+        c = qsession(p)
+        h = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        c.send("i IDLE\r\n")
+        assert c.line().startswith(b"+"), "the client's continuation"
+        oob(up, mbox, "UID STORE 2 +FLAGS (\\Flagged)", "UID STORE 4 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        append(direct(up), mbox, "late")
+        got, t0 = [], time.time()
+        c.s.settimeout(1)
+        while time.time() - t0 < 3 + 2 and not (
+                any(b"UID 2 " in l for l in got) and b"* VANISHED 4" in got and
+                any(l.endswith(b"EXISTS") for l in got)):
+            try:
+                got.append(c.line())
+            except OSError:
+                pass
+        f = fetches(got)
+        assert 2 in f and b"\\Flagged" in f[2][1] and f[2][2] > h, got
+        assert b"* VANISHED 4" in got and any(l == b"* 5 EXISTS" for l in got), got
+        assert not any(l.startswith(b"+") or l.startswith(b"i ") for l in got), got
+        # DONE at once and a bit later: one tagged OK each time.
+        c.s.settimeout(15)
+        for wait in (0.0, 0.4, 0.9, 1.05):
+            time.sleep(wait)
+            c.send("DONE\r\n")
+            lines = c.until_tag("i")[0]
+            assert sum(1 for l in lines if l.startswith(b"i ")) == 1, lines
+            assert lines[-1].startswith(b"i OK"), lines
+            assert not any(l.startswith(b"+") for l in lines), lines
+            c.send("i IDLE\r\n")
+            assert c.line().startswith(b"+")
+            time.sleep(1.0 + wait)
+        c.send("DONE\r\n")
+        ok(c.until_tag("i")[0], "i")
+        ok(c.cmd("n", "NOOP"), "n")
+        assert re.search(r"cmd=DONE", p.read_log()), "the proxy polled"
     finally:
         p.stop()
 

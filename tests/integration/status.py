@@ -33,7 +33,8 @@ offering = pb.offering
 
 def proxy(up="dovecot", *args):
     return offering(
-        pb.Proxy("--condstore", "--redis", "redis://127.0.0.1:%d/%d" % (REDIS_PORT, DB[up]), *args,
+        pb.Proxy("--condstore", "--poll-interval", "0", "--redis",
+                 "redis://127.0.0.1:%d/%d" % (REDIS_PORT, DB[up]), *args,
                  upstream=UPSTREAMS[up]))
 
 
