@@ -237,8 +237,9 @@ def commands():
         span = time.time() - t0
         check(p)
         counts = {}
-        for m in re.finditer(r'event=command\.internal sid=\w+ cmd="([^"]*)"', p.read_log()[off:]):
-            k = m.group(1)
+        for m in re.finditer(r'event=command\.internal sid=\w+ cmd=(?:"((?:[^"\\]|\\.)*)"|(\S+))',
+                             p.read_log()[off:]):
+            k = m.group(1) if m.group(1) is not None else m.group(2)
             k = re.sub(r"^(U?I?D? ?FETCH) \d+:\*", r"\1 n:*", k)
             counts[k] = counts.get(k, 0) + 1
         for c in cs:

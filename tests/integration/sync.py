@@ -537,7 +537,7 @@ def u4_client_done_racing_the_virtual_idle_ends_idle_once(up):
         assert not extra, extra
         q.ok(c.cmd("z", "NOOP"), "z")
         log = p.read_log()
-        internal = len(re.findall(r'event=command\.internal sid=\w+ cmd="(?:DONE|IDLE|NOOP)"', log))
+        internal = sum(count_internal([log], [0]).get(k, 0) for k in ("DONE", "IDLE", "NOOP"))
         assert internal > 0, "the virtual IDLE ran internal commands during the test"
 
 
@@ -801,12 +801,17 @@ def inv3_process_killed_mid_snapshot_leaves_no_stuck_lease_and_no_half_state(up)
 
 def count_internal(logs, since):
     """{cmd text: count} of the internal commands logged after byte
-    offset since[i] of logs[i]."""
+    offset since[i] of logs[i] (cmd=NOOP or cmd="FETCH 1:* (UID FLAGS)":
+    a value is quoted when it has a space)."""
     out = {}
     for log, off in zip(logs, since):
-        for m in re.finditer(r'event=command\.internal sid=\w+ cmd="([^"]*)"', log[off:]):
-            out[m.group(1)] = out.get(m.group(1), 0) + 1
+        for m in INTERNAL_RE.finditer(log, off):
+            k = m.group(1) if m.group(1) is not None else m.group(2)
+            out[k] = out.get(k, 0) + 1
     return out
+
+
+INTERNAL_RE = re.compile(r'event=command\.internal sid=\w+ cmd=(?:"((?:[^"\\]|\\.)*)"|(\S+))')
 
 
 def idle_sessions(up, nproc, n=50, intervals=5):
