@@ -252,7 +252,7 @@ def commands():
 
 
 def fmt(xs):
-    return "median %.2f s, max %.2f s, min %.2f s" % (statistics.median(xs), max(xs), min(xs))
+    return "median %.3f s, max %.3f s, min %.3f s" % (statistics.median(xs), max(xs), min(xs))
 
 
 def main():
@@ -265,7 +265,7 @@ def main():
         say("latency poll-interval %d s: %s over %d changes (%.0f s)" % (poll, fmt(lat), len(lat),
                                                                        time.time() - t))
         rows.append(("out-of-band STORE → FETCH at an idling client, poll-interval %d s, %d changes"
-                     % (poll, len(lat)), "%.2f s" % statistics.median(lat), "%.2f s" % max(lat),
+                     % (poll, len(lat)), "%.3f s" % statistics.median(lat), "%.3f s" % max(lat),
                      "≤ %d s + 2 s" % poll))
     if PUBSUB_CHANGES > 0:
         lat, noop = pubsub()
