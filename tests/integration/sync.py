@@ -830,9 +830,22 @@ def idle_sessions(up, nproc, n=50, intervals=5):
         t0 = time.time()
         d = rig.direct(up, mbox)
         time.sleep(POLL * intervals / 2.0)
-        d.do("UID STORE 7 +FLAGS (\\Seen)")  # something for the polls to find
-        time.sleep(max(0, t0 + POLL * intervals - time.time()))
-        counts = count_internal([p.read_log() for p in ps], since)
+        at_change = [len(p.read_log()) for p in ps]
+        t_change = d.do("UID STORE 7 +FLAGS (\\Seen)")  # something for the polls to find
+        time.sleep(max(0, t0 + POLL * intervals - time.time(), t_change + POLL + SLACK - time.time()))
+        logs = [p.read_log() for p in ps]
+        counts = count_internal(logs, since)
+        # Every idling session went on polling after the change (and the
+        # change event it brought): none is left hanging after a DONE.
+        stuck = []
+        for log, off in zip(logs, at_change):
+            idlers = set(re.findall(r"event=command sid=(\w+) tag=i cmd=IDLE", log))
+            polled = set(re.findall(r"event=command\.internal sid=(\w+) cmd=NOOP", log[off:]))
+            for sid in sorted(idlers - polled):
+                stuck.append("sid %s, its last lines:\n    " % sid + "\n    ".join(
+                    [l for l in log.splitlines() if re.search(r"\bsid=%s\b" % sid, l)][-4:]))
+        assert not stuck, ("%d idling sessions sent no NOOP in the %.1f s after the change:\n%s"
+                           % (len(stuck), time.time() - t_change, "\n".join(stuck[:3])))
         span = (time.time() - t0) / POLL
         snaps = counts.get("FETCH 1:* (UID FLAGS)", 0)
         noops = counts.get("NOOP", 0)
