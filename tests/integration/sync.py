@@ -814,6 +814,19 @@ def count_internal(logs, since):
 INTERNAL_RE = re.compile(r'event=command\.internal sid=\w+ cmd=(?:"((?:[^"\\]|\\.)*)"|(\S+))')
 
 
+def silent_sessions(logs, offsets):
+    """Sessions that idle (client tag i) and logged no internal NOOP after
+    offsets[k] of logs[k]: "sid X, its last lines: ..." each."""
+    out = []
+    for log, off in zip(logs, offsets):
+        idlers = set(re.findall(r"event=command sid=(\w+) tag=i cmd=IDLE", log))
+        polled = set(re.findall(r"event=command\.internal sid=(\w+) cmd=NOOP", log[off:]))
+        for sid in sorted(idlers - polled):
+            out.append("sid %s, its last lines:\n    " % sid + "\n    ".join(
+                [l for l in log.splitlines() if re.search(r"\bsid=%s\b" % sid, l)][-4:]))
+    return out
+
+
 def idle_sessions(up, nproc, n=50, intervals=5):
     mbox = q.new_mailbox(up, 10)
     with Rig() as rig:
@@ -835,29 +848,33 @@ def idle_sessions(up, nproc, n=50, intervals=5):
         time.sleep(max(0, t0 + POLL * intervals - time.time(), t_change + POLL + SLACK - time.time()))
         logs = [p.read_log() for p in ps]
         counts = count_internal(logs, since)
-        # Every idling session went on polling after the change (and the
-        # change event it brought): none is left hanging after a DONE.
-        stuck = []
-        for log, off in zip(logs, at_change):
-            idlers = set(re.findall(r"event=command sid=(\w+) tag=i cmd=IDLE", log))
-            polled = set(re.findall(r"event=command\.internal sid=(\w+) cmd=NOOP", log[off:]))
-            for sid in sorted(idlers - polled):
-                stuck.append("sid %s, its last lines:\n    " % sid + "\n    ".join(
-                    [l for l in log.splitlines() if re.search(r"\bsid=%s\b" % sid, l)][-4:]))
-        assert not stuck, ("%d idling sessions sent no NOOP in the %.1f s after the change:\n%s"
-                           % (len(stuck), time.time() - t_change, "\n".join(stuck[:3])))
         span = (time.time() - t0) / POLL
+        # Every idling session goes on polling after the change (and the
+        # change event it brings): none is left hanging after a DONE. One
+        # late under load (50 upstream sessions on a shared host) is
+        # noted; one silent 10 s longer fails.
+        late = silent_sessions(logs, at_change)
+        if late:
+            time.sleep(10)
+            stuck = silent_sessions([p.read_log() for p in ps], at_change)
+            print("   %d idling sessions sent no NOOP within %.1f s of the change; %d not 10 s later"
+                  % (len(late), POLL + SLACK, len(stuck)))
+            assert not stuck, ("%d idling sessions hang: no NOOP in the %.1f s after the change:\n%s"
+                               % (len(stuck), time.time() - t_change, "\n".join(stuck[:3])))
         snaps = counts.get("FETCH 1:* (UID FLAGS)", 0)
         noops = counts.get("NOOP", 0)
         print("   %s, %d sessions on %d process(es), %.1f intervals: %d flag snapshots, %d NOOPs "
               "(%.1f per interval), all internal: %s" % (up, n, nproc, span, snaps, noops,
                                                         noops / span, counts))
-        # Every client saw the flag change (the sessions were really polling).
+        # Every client saw the flag change (the sessions were really
+        # polling). A count test, not a timing one: Courier, with 50
+        # sessions polling every 2 s, answers some DONEs only after ~10 s.
         for i, c in enumerate(cs):
             got = []
-            read_until(c, got, lambda g: fetch_for(g, 7, b"\\Seen"), POLL + SLACK,
+            read_until(c, got, lambda g: fetch_for(g, 7, b"\\Seen"), 30,
                        "session %d: FETCH of UID 7" % i)
         for c in cs:
+            c.s.settimeout(60)
             idle_done(c, "i")
         assert snaps <= int(span) + 1, (
             "at most one flag snapshot per poll interval: %d in %.1f intervals" % (snaps, span))
