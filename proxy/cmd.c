@@ -217,10 +217,41 @@ static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
 
 static void cmd_sasl_plain(struct sess *s, const char *p, size_t len);
 
+/* SASL LOGIN (draft-murchison-sasl-login): the client's first response is
+ * the user name, its second the password, each in base64. */
+static void cmd_sasl_login(struct sess *s, const char *p, size_t len)
+{
+    unsigned char out[1024];
+    size_t olen = 0;
+
+    while (len > 0 && (p[len - 1] == '\n' || p[len - 1] == '\r'))
+        len--;
+    if (len > 4 * sizeof(out) / 3 ||
+        mbedtls_base64_decode(out, sizeof(out), &olen, (const unsigned char *)p, len) != 0) {
+        s->sasl_login_step = 0;
+        return;
+    }
+    if (s->sasl_login_step == 1 && olen > 0) {
+        free(s->user_cand);
+        s->user_cand = xmemdup(out, olen);
+        s->sasl_login_step = 2;
+    } else if (s->sasl_login_step == 2) {
+        side_cred_drop(&s->pass_cand, &s->pass_cand_len);
+        s->pass_cand = xmemdup(out, olen);
+        s->pass_cand_len = olen;
+        s->sasl_login_step = 0;
+    }
+    mbedtls_platform_zeroize(out, sizeof(out));
+}
+
 void cmd_sasl_line(struct sess *s, const char *p, size_t len)
 {
-    if (s->is_sasl_plain && s->last_kind == CMD_AUTHENTICATE)
+    if (s->last_kind != CMD_AUTHENTICATE)
+        return;
+    if (s->is_sasl_plain)
         cmd_sasl_plain(s, p, len);
+    else if (s->sasl_login_step != 0)
+        cmd_sasl_login(s, p, len);
 }
 
 static void cmd_sasl_plain(struct sess *s, const char *p, size_t len)
@@ -303,6 +334,7 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         if (strcmp(s->name, "AUTHENTICATE") == 0 && ev->kind == TOK_ATOM) {
             s->is_plain_mech = cap_is_plaintext_mech(ev->data, ev->len);
             s->is_sasl_plain = ev->len == 5 && strncasecmp(ev->data, "PLAIN", 5) == 0;
+            s->sasl_login_step = ev->len == 5 && strncasecmp(ev->data, "LOGIN", 5) == 0 ? 1 : 0;
             free(s->user_cand); /* a failed earlier login leaves no name behind */
             s->user_cand = NULL;
         }
@@ -311,6 +343,8 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         /* SASL-IR (RFC 4959): the initial response is on the line. */
         if (strcmp(s->name, "AUTHENTICATE") == 0 && s->is_sasl_plain && ev->kind == TOK_ATOM)
             cmd_sasl_plain(s, ev->data, ev->len); /* last_kind is not set yet */
+        if (strcmp(s->name, "AUTHENTICATE") == 0 && s->sasl_login_step == 1 && ev->kind == TOK_ATOM)
+            cmd_sasl_login(s, ev->data, ev->len); /* SASL-IR: the user name */
         /* LOGIN's password, for STATUS HIGHESTMODSEQ's side connection
          * (proxy/side.h): memory only, kept after the upstream's OK. */
         if (strcmp(s->name, "LOGIN") == 0 && !s->is_logged_in &&
@@ -405,15 +439,49 @@ struct pending *cmd_internal(struct sess *s, const char *text)
     sess_send(&s->up, NULL, tag, (size_t)n);
     sess_send(&s->up, NULL, text, strlen(text));
     sess_send(&s->up, NULL, "\r\n", 2);
-    if (log_on(LOG_DEBUG)) {
-        struct log_line l;
-        log_begin(&l, LOG_DEBUG, "command.internal");
-        log_hex(&l, "sid", s->id);
-        log_str(&l, "cmd", text);
-        log_u64(&l, "up_tag", p->up_tag);
-        log_end(&l);
-    }
+    cmd_log_internal(s, text, p->up_tag);
     return p;
+}
+
+/* The kinds of the proxy's own upstream commands (issue 7 point 4). */
+static const char *const internal_kinds[8] = {"snapshot", "poll", "lookup", "status",
+                                              "close",    "idle", "part",   "other"};
+
+static unsigned internal_kind(const char *text)
+{
+    if (strncmp(text, "FETCH 1:* ", 10) == 0)
+        return 0; /* a flag snapshot */
+    if (strcmp(text, "NOOP") == 0)
+        return 1; /* a refresh or a poll */
+    if (strncmp(text, "FETCH ", 6) == 0 && strstr(text, ":* (UID FLAGS)") != NULL)
+        return 2; /* new messages' UIDs */
+    if (strncmp(text, "STATUS ", 7) == 0)
+        return 3;
+    if (strcmp(text, "UNSELECT") == 0 || strncmp(text, "EXAMINE ", 8) == 0)
+        return 4; /* QR-60 */
+    if (strcmp(text, "DONE") == 0 || strcmp(text, "IDLE") == 0)
+        return 5; /* the virtual IDLE */
+    if (strncmp(text, "UID ", 4) == 0 || strncmp(text, "FETCH ", 6) == 0 ||
+        strncmp(text, "STORE ", 6) == 0)
+        return 6; /* a part of a split command (GEN-04) */
+    return 7;
+}
+
+void cmd_log_internal(struct sess *s, const char *text, uint64_t up_tag)
+{
+    unsigned k = internal_kind(text);
+    uint64_t n = ++s->ctx->n_internal[k];
+    if (!log_on(LOG_DEBUG))
+        return;
+    struct log_line l;
+    log_begin(&l, LOG_DEBUG, "command.internal");
+    log_hex(&l, "sid", s->id);
+    log_str(&l, "cmd", text);
+    if (up_tag != 0)
+        log_u64(&l, "up_tag", up_tag);
+    log_str(&l, "kind", internal_kinds[k]);
+    log_u64(&l, "kind_total", n); /* this process's so far */
+    log_end(&l);
 }
 
 struct pending *cmd_send_line(struct sess *s, const char *tag, size_t tag_len, const char *line,

@@ -35,6 +35,11 @@ void cmd_pending_retire(struct sess *s);
  * responses never reach the client (proxy/rsp.c). */
 struct pending *cmd_internal(struct sess *s, const char *text);
 
+/* Count and log (debug) one of the proxy's own upstream commands, text
+ * as sent (no tag, no CRLF), by kind: snapshot, poll, lookup, status,
+ * close, idle, part, other (issue 7 point 4). */
+void cmd_log_internal(struct sess *s, const char *text, uint64_t up_tag);
+
 /* Send line[0..len) (starting with the space after the tag, ending with
  * CRLF) upstream under a fresh proxy tag, mapped back to the client's tag. */
 struct pending *cmd_send_line(struct sess *s, const char *tag, size_t tag_len, const char *line,

@@ -35,7 +35,8 @@ int msgmap_exists(struct msgmap *m, uint32_t n)
         m->uid = p;
         m->cap = cap;
     }
-    memset(m->uid + m->n, 0, (size_t)(n - m->n) * sizeof(*m->uid));
+    if (n > m->n)
+        memset(m->uid + m->n, 0, (size_t)(n - m->n) * sizeof(*m->uid));
     m->n_unknown += n - m->n;
     m->n = n;
     return 0;

@@ -80,6 +80,9 @@ struct sess_ctx {
      * each session's engines hold their own. */
     struct tls_conf *tls_server;
     struct tls_conf *tls_client;
+    /* The proxy's own upstream commands of this process, by kind (issue 7
+     * point 4), logged with each at debug level: cmd_internal_kind(). */
+    uint64_t n_internal[8];
 };
 
 /* Set up ctx for cfg (which must outlive it). Resolves the upstream

@@ -200,13 +200,14 @@ struct sess {
     struct buf en_other;   /* the names the proxy does not own */
 
     /* TLS (proxy/sess_tls.c) */
-    uint8_t listen_kind; /* enum sess_listen */
-    uint8_t up_pre;      /* enum up_pre: the upstream's STARTTLS opening */
-    bool is_up_ready;    /* connected, and TLS up where upstream-tls says so */
-    bool is_sasl_plain;  /* AUTHENTICATE PLAIN: its identity is read */
-    bool is_plain_mech;  /* AUTHENTICATE's mechanism sends a secret in the clear */
-    bool up_had_caps;    /* the upstream's greeting had a [CAPABILITY] code */
-    char *up_greeting;   /* its text, until relayed; owned */
+    uint8_t listen_kind;     /* enum sess_listen */
+    uint8_t up_pre;          /* enum up_pre: the upstream's STARTTLS opening */
+    bool is_up_ready;        /* connected, and TLS up where upstream-tls says so */
+    bool is_sasl_plain;      /* AUTHENTICATE PLAIN: its identity is read */
+    uint8_t sasl_login_step; /* AUTHENTICATE LOGIN: 1 user name next, 2 password */
+    bool is_plain_mech;      /* AUTHENTICATE's mechanism sends a secret in the clear */
+    bool up_had_caps;        /* the upstream's greeting had a [CAPABILITY] code */
+    char *up_greeting;       /* its text, until relayed; owned */
     size_t up_greeting_len;
     char *up_tls_caps; /* its capabilities asked through TLS; owned */
     size_t up_tls_caps_len;

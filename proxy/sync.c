@@ -125,6 +125,8 @@ struct sync {
     bool is_client_done;    /* the client's DONE came while the proxy worked */
     bool is_up_idling;      /* the upstream sent the IDLE continuation */
     struct store_sub *sub;  /* the selected mailbox's change events */
+    bool has_snap_lease;    /* this session snapshots the mailbox for all */
+    struct store_lease snap_lease;
 };
 
 #define CS_KEYS_MAX 8
@@ -186,6 +188,8 @@ static void cs_fetch_free(struct sync *y);
 static void sync_start_snapshot(struct sess *s);
 static void sync_observe(struct sess *s, bool is_ok);
 static void sync_snapshot_cmd(struct sess *s);
+static void on_select_info(void *arg, int err, const struct store_info *info);
+static void sync_snap_unlease(struct sess *s);
 static void sync_send_search(struct sess *s, const char *b, size_t len, bool is_seq, uint64_t max);
 static void sync_fetch_send(struct sess *s, const char *subset);
 static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_t n);
@@ -245,6 +249,7 @@ void sync_fini(struct sess *s)
         return;
     store_req_cancel(&y->req);
     store_unsubscribe(&y->sub);
+    sync_snap_unlease(s);
     store_mbox_free(&y->mb);
     msgmap_fini(&y->map);
     snap_fini(&y->snap);
@@ -326,8 +331,13 @@ static const struct pending *sync_current(const struct sess *s)
 
 bool sync_swallows_fetch(const struct sess *s)
 {
+    /* Only a snapshot's: the client waits meanwhile. The answers to a
+     * lookup of new messages' UIDs are not swallowed: Dovecot may answer a
+     * client's FETCH pipelined behind it in parallel, so its lines cannot
+     * be told apart; they reach the client as unsolicited FETCH with UID
+     * and MODSEQ (CS-21) and fill the map on the way. */
     const struct sync *y = s->sync;
-    return y != NULL && (y->is_snapping || (y->lookup != NULL && sync_current(s) == y->lookup));
+    return y != NULL && y->is_snapping;
 }
 
 void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *flags, size_t len)
@@ -340,7 +350,7 @@ void sync_fetch_data(struct sess *s, uint32_t seq, uint32_t uid, const char *fla
     if (uid >= y->uidnext)
         y->uidnext = uid + 1;
     if (!y->is_snapping)
-        return; /* a lookup of new messages' UIDs (QR-41): the map is all */
+        return;
     if (sn->n + 1 >= sn->cap) {
         sn->cap = sn->cap ? sn->cap * 2 : 1024;
         sn->uid = xreallocarray(sn->uid, sn->cap, sizeof(*sn->uid));
@@ -440,6 +450,7 @@ static void on_observed(void *arg, int err, const struct store_result *res)
     struct sync *y = s->sync;
 
     y->req = NULL;
+    sync_snap_unlease(s); /* stored: the others may reuse it */
     if (s->is_closing)
         return;
     if (err < 0) {
@@ -522,6 +533,7 @@ static void on_fresh_msgs(void *arg, int err, const struct store_msg *msgs, size
         return;
     }
     log_fresh(s, "select");
+    sync_snap_unlease(s);
     sync_select_observed(s, info->highest);
 }
 
@@ -570,6 +582,7 @@ static void sync_observe(struct sess *s, bool is_ok)
     struct snap *sn = &y->snap;
 
     if (!is_ok || sn->n != y->exists || !msgmap_is_complete(&y->map)) {
+        sync_snap_unlease(s);
         if (y->is_for_fetch && !y->fetch->is_store && !y->fetch->is_search) {
             /* Nothing diffed (inv. 4): the whole set goes upstream and only
              * the lines newer than the client's modseq come back. */
@@ -604,11 +617,47 @@ static void sync_observe(struct sess *s, bool is_ok)
 }
 
 /* The snapshot of a CONDSTORE selection (DESIGN inv. 4). */
-static void sync_select_snapshot(struct sess *s)
+/* Issue 7 point 3: one snapshotter per mailbox across every process. The
+ * mailbox's SNAPSHOT lease is taken first (waiting while another session
+ * or process snapshots it); a snapshot that one just made is then fresh
+ * and reused (snapshot-freshness). A lease that stays busy past the wait
+ * (a stuck holder: it expires after its TTL) only costs a snapshot of our
+ * own. */
+#define SNAP_LEASE_TTL  30000
+#define SNAP_LEASE_WAIT 10000
+
+static void sync_snap_unlease(struct sess *s)
 {
     struct sync *y = s->sync;
 
-    y->is_for_fetch = false;
+    if (y->has_snap_lease && y->mb != NULL &&
+        store_lease_release(y->mb, &y->snap_lease, NULL, NULL, NULL) < 0) {
+        /* it expires on its own (TTL) */
+    }
+    y->has_snap_lease = false;
+}
+
+static void on_snap_lease(void *arg, int err, const struct store_lease_result *res)
+{
+    struct sess *s = arg;
+    struct sync *y = s->sync;
+
+    if (!sync_cb_ok(s, err))
+        return;
+    if (res->is_held) {
+        y->snap_lease = res->lease;
+        y->has_snap_lease = true;
+    } else {
+        struct log_line l;
+        log_begin(&l, LOG_INFO, "sync.snapshot_lease_busy");
+        log_hex(&l, "sid", s->id);
+        log_u64(&l, "busy_ms", res->busy_ms);
+        log_end(&l);
+    }
+    if (y->is_for_fetch) {
+        sync_snapshot_cmd(s);
+        return;
+    }
     if (s->ctx->cfg->snapshot_freshness == 0) {
         sync_snapshot_cmd(s);
         return;
@@ -616,6 +665,21 @@ static void sync_select_snapshot(struct sess *s)
     int rc = store_info(y->mb, on_select_info, s, &y->req);
     if (rc < 0)
         sync_store_lost(s, rc);
+}
+
+static void sync_snap_lease(struct sess *s)
+{
+    struct sync *y = s->sync;
+    int rc = store_lease_acquire(y->mb, STORE_LEASE_SNAPSHOT, SNAP_LEASE_TTL, SNAP_LEASE_WAIT,
+                                 on_snap_lease, s, &y->req);
+    if (rc < 0)
+        sync_store_lost(s, rc);
+}
+
+static void sync_select_snapshot(struct sess *s)
+{
+    s->sync->is_for_fetch = false;
+    sync_snap_lease(s);
 }
 
 /* A debug log line `event sid=.. key=what`. */
@@ -988,9 +1052,18 @@ bool sync_up_waits(struct sess *s, const char *p, size_t n)
 static void sync_store_lost(struct sess *s, int err)
 {
     static const char bye[] = "* BYE [UNAVAILABLE] State store unreachable\r\n";
-    /* DESIGN inv. 6: never a guessed modseq. */
+    if (s->is_draining || s->is_closing)
+        return; /* said once */
+    /* DESIGN inv. 6: never a guessed modseq. The BYE is delivered before
+     * the connection closes (a drain), whatever holds the sides. */
     sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
-    sess_fail(s, err, "state store");
+    struct log_line l;
+    log_begin(&l, LOG_WARN, "session.error");
+    log_hex(&l, "sid", s->id);
+    log_str(&l, "what", "state store");
+    log_err(&l, "err", err);
+    log_end(&l);
+    sess_drain(s, "state store");
 }
 
 /* The start of every store callback: the request is over; false when the
@@ -1178,7 +1251,7 @@ static void sync_snapshot_cmd(struct sess *s)
 static void sync_start_snapshot(struct sess *s)
 {
     s->sync->is_for_fetch = true;
-    sync_snapshot_cmd(s);
+    sync_snap_lease(s);
 }
 
 void sync_idle(struct sess *s)
@@ -2438,7 +2511,7 @@ static void sync_lookup(struct sess *s)
  * (DONE), as cmd_internal() logs the others. */
 static void log_internal(struct sess *s, const char *what)
 {
-    log_debug_str(s, "command.internal", "cmd", what);
+    cmd_log_internal(s, what, 0);
 }
 
 /* Ask the upstream for changes now: a NOOP between commands, or the

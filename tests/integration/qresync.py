@@ -149,6 +149,15 @@ def vanished_earlier(lines):
     return out
 
 
+def vanished_live(lines):
+    """UIDs in VANISHED lines without EARLIER."""
+    out = set()
+    for l in lines:
+        if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
+            out |= uidset(l.split(b" ")[2])
+    return out
+
+
 def fetches(lines):
     """{uid: (seq, flags, modseq)} of the FETCH lines."""
     out = {}
@@ -429,10 +438,7 @@ def qr40_qr45_expunge_answers_vanished_and_tagged_highestmodseq(up):
         ok(c.cmd("d", "UID STORE 2,4,5 +FLAGS.SILENT (\\Deleted)"), "d")
         lines = ok(c.cmd("x", "EXPUNGE"), "x")
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
-        van = set()
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_live(lines)
         assert van == {2, 4, 5}, lines
         h1 = highest([lines[-1]])
         assert h1 is not None and h1 > h0, ("QR-45: tagged HIGHESTMODSEQ", lines)
@@ -473,12 +479,8 @@ def qr40_expunge_by_another_session_reaches_noop_as_vanished_qr41_new_mail(up):
                 break
             time.sleep(0.5)
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in got), got
-        van = set()
-        for l in got:
-            if l.startswith(b"* VANISHED "):
-                assert b"EARLIER" not in l, "QR-43"
-                van |= uidset(l.split(b" ")[2])
-        assert van == {2, 6}, got
+        assert not vanished_earlier(got), "QR-43: live ones only"
+        assert vanished_live(got) == {2, 6}, got
     finally:
         p.stop()
 
@@ -507,10 +509,7 @@ def qr21_x5_uid_fetch_changedsince_vanished_lists_expunged_before_fetch(up):
         oob(up, mbox, "UID STORE 3 +FLAGS (\\Deleted)", "EXPUNGE")
         h1 = highest(lines)
         lines = ok(c.cmd("g", "UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % h1), "g")
-        van = vanished_earlier(lines)
-        for l in lines:
-            if l.startswith(b"* VANISHED ") and b"EARLIER" not in l:
-                van |= uidset(l.split(b" ")[2])
+        van = vanished_earlier(lines) | vanished_live(lines)
         assert van == {3}, lines
         assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
         assert not (van & set(truth(up, mbox))), lines
@@ -786,12 +785,152 @@ def issue7_virtual_idle_pushes_out_of_band_changes_and_done_ends_it_once(up):
             assert lines[-1].startswith(b"i OK"), lines
             assert not any(l.startswith(b"+") for l in lines), lines
             c.send("i IDLE\r\n")
-            assert c.line().startswith(b"+")
+            line = c.line()
+            while line.startswith(b"* "):  # unsolicited data may come first
+                line = c.line()
+            assert line.startswith(b"+"), line
             time.sleep(1.0 + wait)
         c.send("DONE\r\n")
         ok(c.until_tag("i")[0], "i")
         ok(c.cmd("n", "NOOP"), "n")
         assert re.search(r"cmd=DONE", p.read_log()), "the proxy polled"
+    finally:
+        p.stop()
+
+
+@both
+def issue7_one_snapshotter_per_mailbox_across_processes(up):
+    """Issue 7 point 3: sessions of two processes selecting the same
+    mailbox at once: the SNAPSHOT lease lets one snapshot it, the other
+    waits and reuses it (snapshot-freshness); both report the same
+    HIGHESTMODSEQ."""
+    mbox = new_mailbox(up, 200)
+    ps = [proxy(up, "--snapshot-freshness", "60") for _ in range(3)]
+    try:
+        cs = [qsession(p) for p in ps]
+        for c in cs:
+            c.send("s SELECT %s\r\n" % mbox)
+        hs = [highest(ok(c.until_tag("s")[0], "s")) for c in cs]
+        assert len(set(hs)) == 1 and hs[0], hs
+        n = sum(sum(snapshots_by_session(p).values()) for p in ps)
+        assert n == 1, ("one snapshot in all", [snapshots_by_session(p) for p in ps])
+    finally:
+        for p in ps:
+            p.stop()
+
+
+@both
+def inv7_authenticate_login_identity_keys_the_state(up):
+    """DESIGN inv. 7: a session that logged in with AUTHENTICATE LOGIN (the
+    user name is its first SASL response) is keyed by that user like a
+    LOGIN one, so it gets mod-sequences, not NOMODSEQ."""
+    import base64
+    p = proxy(up)
+    try:
+        c = pb.Client(p.port)
+        c.send("l AUTHENTICATE LOGIN\r\n")
+        assert c.line().startswith(b"+")
+        c.send(base64.b64encode(pb.USER.encode()).decode() + "\r\n")
+        assert c.line().startswith(b"+")
+        c.send(base64.b64encode(pb.PASS.encode()).decode() + "\r\n")
+        ok(c.until_tag("l")[0], "l")
+        lines = ok(c.cmd("s", "SELECT INBOX (CONDSTORE)"), "s")
+        assert highest(lines) is not None, lines
+        assert pb.PASS not in p.read_log(), "never logged"
+    finally:
+        p.stop()
+
+
+# ---- RFC 7162 examples as vectors (spec/EXAMPLES.md), on meaning
+
+
+@both
+def example_q_a03_q_sel6_known_uids_bound_what_is_told_and_closed_comes_first(up):
+    """Q-A03 / Q-SEL6 shape: a reconnect that knows UIDs 1:8 of 10 after
+    changes inside and outside that set: `* OK [CLOSED]` first (a mailbox
+    was selected), then HIGHESTMODSEQ, one VANISHED (EARLIER) for the known
+    set only, FETCH only for changed known messages; nothing about 9-10."""
+    mbox = new_mailbox(up, 10)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        cache = Cache(c, "s", mbox)
+        oob(up, mbox, "UID STORE 3,9 +FLAGS (\\Answered)", "UID STORE 2,10 +FLAGS (\\Deleted)",
+            "EXPUNGE")
+        c2 = qsession(p)
+        ok(c2.cmd("x", "EXAMINE INBOX"), "x")
+        lines = ok(c2.cmd("r", "SELECT %s (QRESYNC (%d %d 1:8))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "r")
+        assert lines[0].startswith(b"* OK [CLOSED]"), lines
+        assert [l for l in lines if l.startswith(b"* VANISHED")] == [b"* VANISHED (EARLIER) 2"], lines
+        assert set(fetches(lines)) == {3}, lines
+    finally:
+        p.stop()
+
+
+@both
+def example_q_b04_matching_sequence_data_leaves_no_vanished(up):
+    """Q-A04 / Q-B04 shape, without history (Redis flushed): every
+    sequence-match pair matches, so no VANISHED line at all; without the
+    pairs the computed VANISHED names only UIDs that are not live."""
+    mbox = new_mailbox(up, 9)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        cache = Cache(c, "s", mbox)
+        oob(up, mbox, "UID STORE 4 +FLAGS (\\Seen)")
+        redis(DB[up], "FLUSHDB")
+        c2 = qsession(p)
+        lines = ok(c2.cmd("a", "SELECT %s (QRESYNC (%d %d 1:9))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "a")
+        assert not (vanished_earlier(lines) & set(range(1, 10))), lines
+        lines = ok(c2.cmd("b", "SELECT %s (QRESYNC (%d %d 1:9 (3,6,9 3,6,9)))" %
+                          (mbox, cache.uidvalidity, cache.highest)), "b")
+        assert not any(l.startswith(b"* VANISHED") for l in lines), lines
+        assert 4 in fetches(lines), "QR-38: after the flush every message's flags"
+    finally:
+        p.stop()
+
+
+@both
+def example_q_vf2_vanished_modifier_names_only_the_requested_set(up):
+    """Q-VF2 shape: `UID FETCH 3:6 (FLAGS) (CHANGEDSINCE m VANISHED)` names
+    the set's expunged UIDs before the FETCH lines, none outside it."""
+    mbox = new_mailbox(up, 8)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        oob(up, mbox, "UID STORE 2,4 +FLAGS (\\Deleted)", "UID STORE 5,7 +FLAGS (\\Seen)",
+            "EXPUNGE")
+        c2 = qsession(p)
+        ok(c2.cmd("x", "EXAMINE %s" % mbox), "x")  # the history gets them
+        lines = ok(c.cmd("f", "UID FETCH 3:6 (FLAGS) (CHANGEDSINCE %d VANISHED)" % h0), "f")
+        assert vanished_earlier(lines) == {4}, lines
+        # The refresh's NOOP may tell of 7 too (unsolicited, it changed).
+        assert set(fetches(lines)) - {7} <= {3, 5, 6} and 5 in fetches(lines), lines
+    finally:
+        p.stop()
+
+
+@both
+def example_q_uidexp_qr46_uid_expunge_under_qresync(up):
+    """Q-UIDEXP with QRESYNC enabled: `UID EXPUNGE 3:4` gives VANISHED 3:4
+    (never EXPUNGE) and a tagged OK [HIGHESTMODSEQ n] (QR-46)."""
+    mbox = new_mailbox(up, 6)
+    p = proxy(up)
+    try:
+        c = qsession(p)
+        caps = b" ".join(c.cmd("c", "CAPABILITY")).upper().split()
+        if b"UIDPLUS" not in caps:
+            raise AssertionError("the upstream offers no UIDPLUS: test not applicable")
+        h0 = highest(ok(c.cmd("s", "SELECT %s" % mbox), "s"))
+        ok(c.cmd("d", "UID STORE 3:5 +FLAGS.SILENT (\\Deleted)"), "d")
+        lines = ok(c.cmd("x", "UID EXPUNGE 3:4"), "x")
+        van = vanished_live(lines)
+        assert van == {3, 4}, lines
+        assert not any(re.match(rb"\* \d+ EXPUNGE", l) for l in lines), lines
+        assert highest([lines[-1]]) is not None and highest([lines[-1]]) > h0, lines[-1]
     finally:
         p.stop()
 
