@@ -23,6 +23,7 @@ SYNC_RUN_PENDING=1 runs them anyway, without --poll-interval (to debug the
 tests themselves against Dovecot, whose own IDLE notifies; not a result).
 Run by condstore.sh; ends with "N passed, M failed".
 """
+import datetime
 import os
 import random
 import re
@@ -504,8 +505,10 @@ def gen741_between_commands_flags_and_exists_pushed_expunges_held_until_a_comman
 
 @both
 def u4_client_done_racing_the_virtual_idle_ends_idle_once(up):
-    """Test 3: poll-interval 1 s, DONE at random moments (so also while the
-    proxy's own DONE / NOOP / IDLE is in flight), 20 times: each IDLE ends
+    """Test 3: poll-interval 1 s, DONE at random moments, and every other
+    time aimed at the proxy's next internal poll (its last internal IDLE +
+    1 s, from the log, a few ms either side) so that it lands while the
+    proxy's own DONE / NOOP / IDLE is in flight; 20 times. Each IDLE ends
     with exactly one tagged OK, no continuation after DONE, no stray tagged
     line later, and the session answers a NOOP. Out-of-band changes every
     few rounds give the internal NOOPs something to report."""
@@ -517,15 +520,23 @@ def u4_client_done_racing_the_virtual_idle_ends_idle_once(up):
         c = q.qsession(p)
         select_cmd(c, "s", mbox)
         d = rig.direct(up, mbox)
-        sleeps = []
+        sent = []
         for i in range(20):
             tag = "i%d" % i
             idle_start(c, tag)
             if i % 4 == 3:
                 d.do("UID STORE %d %sFLAGS (\\Seen)" % (1 + i % 4, "+-"[i % 8 // 4]))
             s = rnd.uniform(0, 1.2)
-            sleeps.append(round(s, 2))
-            time.sleep(s)
+            if i % 2 == 1:
+                time.sleep(0.3)
+                idles = log_times(p.read_log(), "IDLE")
+                if idles:
+                    tick = idles[-1] + 1.0
+                    while tick < time.time() + 0.05:
+                        tick += 1.0
+                    s = tick + rnd.choice((-0.002, 0, 0.001, 0.002, 0.004, 0.008)) - time.time()
+            time.sleep(max(0, s))
+            sent.append(time.time())
             c.send("DONE\r\n")
             lines, _ = c.until_tag(tag)
             assert lines[-1].startswith(tag.encode() + b" OK"), (i, s, lines)
@@ -540,6 +551,18 @@ def u4_client_done_racing_the_virtual_idle_ends_idle_once(up):
         log = p.read_log()
         internal = sum(count_internal([log], [0]).get(k, 0) for k in ("DONE", "IDLE", "NOOP"))
         assert internal > 0, "the virtual IDLE ran internal commands during the test"
+        dones = log_times(log, "DONE")
+        raced = sum(1 for t in sent if any(-0.005 <= t - x <= 0.02 for x in dones))
+        print("   %s: %d of 20 client DONEs went within 20 ms after an internal DONE" % (up, raced))
+
+
+def log_times(log, cmd):
+    """Times (epoch seconds) of the internal commands cmd in a log."""
+    out = []
+    for m in re.finditer(r"ts=(\S+)Z level=debug event=command\.internal sid=\w+ cmd=%s\b" % cmd, log):
+        out.append(datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f")
+                   .replace(tzinfo=datetime.timezone.utc).timestamp())
+    return out
 
 
 # ------------------------------------------------------------------ fleet
