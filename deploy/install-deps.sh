@@ -12,6 +12,7 @@ PKGS=(
     libssl-dev # tests/bench/tlsbench.c: the bench's TLS client (OpenSSL, as mail clients)
     redis-server redis-tools dovecot-imapd
     python3 openssl clang-format util-linux procps
+    mutt python3-pexpect # tests/integration/mutt_qresync.py: a real client driven headlessly
 )
 
 missing=()

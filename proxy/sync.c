@@ -1920,13 +1920,19 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
         return;
     /* CS-40: performed when modseq <= n; CS-43: UNCHANGEDSINCE 0 always
      * fails; a message named twice is one target (CS-44). */
-    struct seqset pass, fail;
+    struct seqset pass, fail, why;
     seqset_init(&pass);
     seqset_init(&fail);
+    seqset_init(&why);
     int rc = 0;
     for (size_t i = 0; rc == 0 && i < n && i < y->n_targets; i++) {
         uint32_t uid = y->targets[i];
         bool ok = f->since != 0 && modseqs[i] != 0 && modseqs[i] <= f->since;
+        /* CS-48: the failed messages' flags and MODSEQ, as the upstream
+         * has them now (not for UNCHANGEDSINCE 0, CS-43). */
+        uint32_t w = f->is_client_seq ? msgmap_seq(&y->map, uid) : uid;
+        if (!ok && f->since != 0 && w != 0)
+            rc = seqset_add(&why, w);
         /* STORE by numbers stays a plain STORE upstream (the upstream's
          * numbers), its MODIFIED set is in the client's (CS-41, CS-66);
          * UID STORE speaks UIDs both ways. */
@@ -1938,8 +1944,20 @@ static void on_store_modseqs(void *arg, int err, const uint64_t *modseqs, size_t
     }
     char *pass_text = rc == 0 ? set_text(&pass) : NULL;
     char *fail_text = rc == 0 ? set_text(&fail) : NULL;
+    char *why_text = rc == 0 ? set_text(&why) : NULL;
     seqset_fini(&pass);
     seqset_fini(&fail);
+    seqset_fini(&why);
+    if (why_text != NULL && strlen(why_text) + 32 < s->ctx->cfg->upstream_max_line) {
+        /* Its answers reach the client before the STORE's completion:
+         * the proxy's own FETCH, sent first (RFC 7162 Example 7). */
+        size_t wl = strlen(why_text) + 32;
+        char *cmd = xmalloc(wl);
+        snprintf(cmd, wl, "%sFETCH %s (UID FLAGS)", f->is_client_seq ? "" : "UID ", why_text);
+        cmd_internal(s, cmd)->no_expunge = f->is_client_seq;
+        free(cmd);
+    }
+    free(why_text);
     free(y->targets);
     y->targets = NULL;
     if (rc < 0) {

@@ -102,7 +102,8 @@ done
 # Integration suites run the ASan build of qresyncd, so a leak or undefined
 # behaviour in a real session fails the check too.
 for suite in tests/integration/run.sh tests/integration/proxy.sh tests/integration/condstore.sh \
-    tests/integration/tls.sh tests/integration/differential.sh tests/integration/imapflow.sh; do
+    tests/integration/tls.sh tests/integration/differential.sh tests/integration/imapflow.sh \
+    tests/integration/mutt_qresync.sh; do
     [ -x "$suite" ] || continue
     echo "== integration $suite"
     run_suite "$suite" env QRESYNCD="$PWD/build/asan/qresyncd" "$suite"

@@ -502,7 +502,7 @@ def modified(line):
 
 
 @both
-def cs40_cs41_unchangedsince_stores_unchanged_and_reports_modified(up):
+def cs40_cs41_cs48_unchangedsince_stores_unchanged_and_reports_modified(up):
     p = proxy(up)
     try:
         c = pb.Client(p.port)
@@ -516,6 +516,9 @@ def cs40_cs41_unchangedsince_stores_unchanged_and_reports_modified(up):
         assert lines[-1].startswith(b"u1 OK") and modified(lines[-1]) == "20", lines
         f = fetch_lines(lines)
         assert any(l.startswith(b"* 21 FETCH") and modseq_of(l) > h for l in f), lines
+        # CS-48: the failed one's flags and MODSEQ come with the answer.
+        assert any(l.startswith(b"* 20 FETCH") and b"\\Answered" in l and modseq_of(l) > h
+                   for l in f), lines
         flags = b" ".join(c.cmd("f", "FETCH 20:21 (FLAGS)"))
         assert re.search(rb"\* 21 FETCH \(FLAGS \([^)]*Work", flags), flags
         assert not re.search(rb"\* 20 FETCH \(FLAGS \([^)]*Work", flags), "20 not stored"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Differential CONDSTORE test (issue 5): one scripted scenario runs against a
-# Dovecot with its NATIVE CONDSTORE (the reference), through qresyncd in
+# Differential CONDSTORE and QRESYNC tests (issues 5, 6): scripted scenarios run against a
+# Dovecot with its NATIVE CONDSTORE/QRESYNC (the reference), through qresyncd in
 # front of a legacy Dovecot (CONDSTORE hidden) and through qresyncd in front
 # of Courier-IMAP; tests/integration/differential.py compares the answers
 # after normalising modseq values. QRESYNCD selects the binary. Ends with

@@ -3,11 +3,19 @@
 // (CONDSTORE hidden) and Courier-IMAP. Out-of-band changes go straight to
 // the upstream over a small raw IMAP connection (never CONDSTORE there).
 //
+// QRESYNC (issue 6): imapflow with qresync: true keeps a cache across two
+// connections (the second through another qresyncd process on the same
+// Redis) and must end with exactly the upstream's state; run against
+// native Dovecot QRESYNC too, the reference. While qresyncd does not offer
+// QRESYNC those tests print SKIP and are not counted (QR_STRICT=1 fails
+// them).
+//
 // Run by tests/integration/imapflow.sh, which installs imapflow into
-// tests/integration/imapflow/node_modules, starts the servers and one
-// qresyncd per upstream, and sets PROXY_DOVECOT_PORT, PROXY_COURIER_PORT,
-// DOVECOT_PORT, COURIER_PORT, QR_USER, QR_PASS. Arguments filter tests by
-// name. Test names carry the CHECKLIST / CLIENT-EXPECTATIONS IDs. Ends
+// tests/integration/imapflow/node_modules, starts the servers (a native
+// Dovecot too) and two qresyncd per upstream, and sets PROXY_DOVECOT_PORT,
+// PROXY_COURIER_PORT, PROXY_DOVECOT_PORT_B, PROXY_COURIER_PORT_B,
+// DOVECOT_PORT, COURIER_PORT, NATIVE_PORT, QR_USER, QR_PASS. Arguments
+// filter tests by name. Test names carry the CHECKLIST / CLIENT-EXPECTATIONS IDs. Ends
 // with "N passed, M failed".
 import net from 'node:net';
 import { createRequire } from 'node:module';
@@ -60,7 +68,7 @@ function sameFlags(a, b) {
 async function client(up, extra = {}) {
     const c = new ImapFlow({
         host: '127.0.0.1',
-        port: UPSTREAMS[up].proxy,
+        port: up ? UPSTREAMS[up].proxy : extra.port,
         secure: false,
         doSTARTTLS: false,
         // LOGIN: the proxy keys its state by the user named in LOGIN only
@@ -89,10 +97,10 @@ async function done(c) {
 
 // A minimal IMAP client for the out-of-band connection to the upstream.
 class Raw {
-    static async open(up) {
+    static async open(up, port) {
         const r = new Raw();
         await new Promise((resolve, reject) => {
-            r.sock = net.connect(UPSTREAMS[up].direct, '127.0.0.1', resolve);
+            r.sock = net.connect(port || UPSTREAMS[up].direct, '127.0.0.1', resolve);
             r.sock.once('error', reject);
         });
         r.buf = Buffer.alloc(0);
@@ -259,7 +267,8 @@ both('cs01_en01_x1_imapflow_sees_and_enables_condstore', async up => {
     try {
         assert(c.capabilities.has('CONDSTORE'), 'CONDSTORE not advertised', [...c.capabilities.keys()]);
         assert(c.capabilities.has('ENABLE'), 'ENABLE not advertised');
-        assert(!c.capabilities.has('QRESYNC'), 'QRESYNC is not offered yet');
+        // QRESYNC (issue 6) may be offered; this client (qresync: false)
+        // must not get it enabled.
         assert(c.enabled.has('CONDSTORE'), 'CONDSTORE not enabled:', c.enabled);
         assert(!c.enabled.has('QRESYNC'), 'QRESYNC enabled:', c.enabled);
         if (up === 'courier') {
@@ -458,16 +467,18 @@ both('cs40_cs41_unchangedsince_through_imapflow', async up => {
 
 both('en03_qresync_option_falls_back_to_condstore', async up => {
     // imapflow with qresync: true asks ENABLE only for advertised names;
-    // the proxy does not offer QRESYNC yet, so the client must work as a
+    // while the proxy does not offer QRESYNC the client must work as a
     // CONDSTORE client: no QRESYNC SELECT parameter, changedSince works.
+    // Once it is offered (issue 6), the same steps run as a QRESYNC resync.
     const c = await client(up, { qresync: true });
     try {
-        assert(c.enabled.has('CONDSTORE') && !c.enabled.has('QRESYNC'), 'enabled', c.enabled);
+        const offered = c.capabilities.has('QRESYNC');
+        assert(c.enabled.has('CONDSTORE') && c.enabled.has('QRESYNC') === offered, 'enabled', c.enabled);
         const first = await c.mailboxOpen('INBOX');
         await c.mailboxClose();
         await outOfBand(up, ['49 +FLAGS (\\Draft)']);
         const mb = await c.mailboxOpen('INBOX', { changedSince: first.highestModseq, uidValidity: first.uidValidity });
-        assert(!mb.qresync, 'QRESYNC select', mb);
+        assert(!!mb.qresync === offered, 'QRESYNC select', mb);
         assert(mb.highestModseq > first.highestModseq, 'HIGHESTMODSEQ', first.highestModseq, mb.highestModseq);
         const changed = await changedSince(c, first.highestModseq);
         assert(show(changed.map(m => m.uid)) === show([49]), 'changed', changed.map(m => m.uid));
@@ -503,6 +514,225 @@ only(['dovecot'], 'cs21_changes_during_idle_carry_modseq', async up => {
     }
 });
 
+// ------------------------------------------------------------ QRESYNC (issue 6)
+
+// QRESYNC targets: native Dovecot (the reference: the test itself is right
+// when it passes there) and each legacy upstream through qresyncd. The
+// client's first connection goes through proxy A, its reconnect through
+// proxy B, another qresyncd process sharing A's Redis database (DESIGN
+// inv. 7); for native both are the server itself.
+const QR_TARGETS = {
+    native: { a: +env('NATIVE_PORT'), b: +env('NATIVE_PORT'), direct: +env('NATIVE_PORT'), box: 'QRFlow' },
+    dovecot: { a: +env('PROXY_DOVECOT_PORT'), b: +env('PROXY_DOVECOT_PORT_B'), direct: +env('DOVECOT_PORT'), box: 'QRFlow' },
+    courier: { a: +env('PROXY_COURIER_PORT'), b: +env('PROXY_COURIER_PORT_B'), direct: +env('COURIER_PORT'), box: 'INBOX.QRFlow' }
+};
+
+class Pending extends Error {}
+
+async function qrClient(tg, port) {
+    const c = await client(null, { port, qresync: true });
+    if (!c.capabilities.has('QRESYNC')) {
+        await done(c);
+        throw new Pending('QRESYNC not offered by this qresyncd (issue 6 not landed): pending, not counted');
+    }
+    assert(c.enabled.has('QRESYNC'), 'QRESYNC not enabled:', c.enabled);
+    return c;
+}
+
+// A raw connection straight to a QRESYNC target's server.
+async function rawTo(tg) {
+    return Raw.open(null, QR_TARGETS[tg].direct);
+}
+
+// The server's truth: UID -> flags of the box.
+async function qrTruth(tg) {
+    const r = await rawTo(tg);
+    try {
+        await r.cmd(`EXAMINE ${QR_TARGETS[tg].box}`);
+        return await r.flags('1:*');
+    } finally {
+        await r.close();
+    }
+}
+
+// Applies what a QRESYNC client is sent: 'expunge' events with a UID
+// (VANISHED, either form) remove, 'flags' events with a UID set flags.
+// Records every event for the checks.
+function track(c, cache, log) {
+    c.on('expunge', e => {
+        log.push({ kind: 'expunge', ...e });
+        if (e.uid) {
+            cache.messages.delete(e.uid);
+        }
+    });
+    c.on('flags', e => {
+        log.push({ kind: 'flags', ...e });
+        if (e.uid) {
+            cache.messages.set(e.uid, normFlags(e.flags));
+        }
+    });
+}
+
+function cacheProblems(cache, truth) {
+    const bad = [];
+    for (const uid of new Set([...cache.messages.keys(), ...truth.keys()])) {
+        const a = cache.messages.get(uid);
+        const b = truth.get(uid);
+        if (show(a) !== show(b)) {
+            bad.push(`UID ${uid}: client ${show(a)}, upstream ${show(b)}`);
+        }
+    }
+    return bad;
+}
+
+for (const tg of Object.keys(QR_TARGETS)) {
+    TESTS.push([`qr35_qr40_inv7_imapflow_qresync_resync_ends_with_the_upstream_state[${tg}]`, async () => {
+        // The client caches a mailbox (uidValidity, highestModseq, uidNext,
+        // every UID with its flags) through proxy A and disconnects; others
+        // change flags, expunge three (the highest UID too) and deliver one;
+        // the client reconnects through proxy B with QRESYNC and applies
+        // only what it is sent (VANISHED (EARLIER), FETCH, then UID FETCH
+        // old-UIDNEXT:* for new mail); then, selected, others' changes at
+        // NOOP, its own delete (STORE \Deleted + UID EXPUNGE) and a UID FETCH
+        // (CHANGEDSINCE VANISHED). After each phase the cache must equal the
+        // upstream's state exactly; expunges after ENABLE QRESYNC must come
+        // as VANISHED (QR-40), flag changes with UID and MODSEQ.
+        const T = QR_TARGETS[tg];
+        const box = T.box;
+        let r = await rawTo(tg);
+        try {
+            await r.cmd(`DELETE ${box}`).catch(() => {});
+            await r.cmd(`CREATE ${box}`);
+            for (let i = 1; i <= 12; i++) {
+                const fl = [i % 3 === 0 ? '\\Seen' : '', i % 4 === 0 ? '\\Flagged' : ''].filter(Boolean).join(' ');
+                await r.cmd(`APPEND ${box} (${fl})`, Buffer.from(message(tg, `qr-${i}`)));
+            }
+        } finally {
+            await r.close();
+        }
+        const uids = [...(await qrTruth(tg)).keys()].sort((a, b) => a - b);
+        assert(uids.length === 12, 'setup', uids);
+        const U = i => uids[i - 1];
+
+        // First connection (proxy A): fill the cache.
+        const cache = { messages: new Map() };
+        let c = await qrClient(tg, T.a);
+        try {
+            const mb = await c.mailboxOpen(box);
+            cache.uidValidity = mb.uidValidity;
+            cache.highestModseq = mb.highestModseq;
+            for (const m of await c.fetchAll('1:*', { uid: true, flags: true })) {
+                cache.messages.set(m.uid, normFlags(m.flags));
+            }
+            // Courier sends no UIDNEXT: a client takes the highest UID + 1.
+            cache.uidNext = mb.uidNext || Math.max(...cache.messages.keys()) + 1;
+        } finally {
+            await done(c);
+        }
+        let bad = cacheProblems(cache, await qrTruth(tg));
+        assert(!bad.length, 'first fill:', bad);
+
+        // Out of band, while the client is away.
+        r = await rawTo(tg);
+        try {
+            await r.cmd(`SELECT ${box}`);
+            await r.cmd(`UID STORE ${U(2)} +FLAGS (\\Flagged)`);
+            await r.cmd(`UID STORE ${U(3)} -FLAGS (\\Seen)`);
+            await r.cmd(`UID STORE ${U(4)} +FLAGS (Work)`);
+            await r.cmd(`UID STORE ${U(5)},${U(6)},${U(12)} +FLAGS (\\Deleted)`);
+            await r.cmd('EXPUNGE');
+            await r.cmd(`APPEND ${box} (\\Seen)`, Buffer.from(message(tg, 'qr-new')));
+        } finally {
+            await r.close();
+        }
+        const truth1 = await qrTruth(tg);
+
+        // Reconnect through proxy B.
+        const log = [];
+        c = await qrClient(tg, T.b);
+        try {
+            track(c, cache, log);
+            const mb = await c.mailboxOpen(box, { uidValidity: cache.uidValidity, changedSince: cache.highestModseq });
+            assert(mb.qresync === true, 'the SELECT was no QRESYNC resync:', mb);
+            assert(mb.highestModseq > cache.highestModseq, 'HIGHESTMODSEQ', cache.highestModseq, '->', mb.highestModseq);
+            const gone = log.filter(e => e.kind === 'expunge').map(e => e.uid).sort((a, b) => a - b);
+            assert(gone.every(u => !truth1.has(u)), 'VANISHED (EARLIER) names a live UID:', gone);
+            for (const u of [U(5), U(6), U(12)]) {
+                assert(gone.includes(u), 'VANISHED (EARLIER) misses UID', u, gone);
+            }
+            assert(log.every(e => e.kind !== 'expunge' || (e.vanished && e.earlier)), 'resync expunges not VANISHED (EARLIER):', log);
+            for (const e of log.filter(x => x.kind === 'flags')) {
+                assert(e.uid && typeof e.modseq === 'bigint' && e.modseq > cache.highestModseq,
+                    'resync FETCH without UID or MODSEQ above', cache.highestModseq, e);
+            }
+            const changed = log.filter(e => e.kind === 'flags').map(e => e.uid).sort((a, b) => a - b);
+            // The new message: with QRESYNC (uidvalidity modseq) and no
+            // known-uids the server may report it in the resync already.
+            assert(show(changed.filter(u => u !== [...truth1.keys()].pop())) === show([U(2), U(3), U(4)]),
+                'resync FETCH UIDs', changed);
+            for (const m of await c.fetchAll(`${cache.uidNext}:*`, { uid: true, flags: true }, { uid: true })) {
+                if (m.uid >= cache.uidNext) {
+                    cache.messages.set(m.uid, normFlags(m.flags));
+                }
+            }
+            cache.uidNext = c.mailbox.uidNext || Math.max(...cache.messages.keys()) + 1;
+            cache.highestModseq = mb.highestModseq;
+            bad = cacheProblems(cache, truth1);
+            assert(!bad.length, 'after the reconnect:', bad);
+            assert(c.mailbox.exists === truth1.size, 'exists', c.mailbox.exists, truth1.size);
+
+            // Others' changes while selected, heard at NOOP.
+            r = await rawTo(tg);
+            try {
+                await r.cmd(`SELECT ${box}`);
+                await r.cmd(`UID STORE ${U(7)} +FLAGS (\\Answered)`);
+                await r.cmd(`UID STORE ${U(8)} +FLAGS (\\Deleted)`);
+                await r.cmd('EXPUNGE');
+            } finally {
+                await r.close();
+            }
+            log.length = 0;
+            const deadline = Date.now() + 15000;
+            while (!(log.some(e => e.kind === 'expunge' && e.uid === U(8)) && log.some(e => e.kind === 'flags' && e.uid === U(7))) &&
+                Date.now() < deadline) {
+                await c.noop();
+                await sleep(200);
+            }
+            const ex = log.filter(e => e.kind === 'expunge');
+            assert(show(ex.map(e => [e.uid, e.vanished, e.earlier])) === show([[U(8), true, false]]),
+                'others\' expunge at NOOP: not exactly one VANISHED of UID', U(8), ex);
+            const fl = log.find(e => e.kind === 'flags' && e.uid === U(7));
+            assert(fl && typeof fl.modseq === 'bigint' && fl.modseq > cache.highestModseq, 'flags event at NOOP', fl);
+            bad = cacheProblems(cache, await qrTruth(tg));
+            assert(!bad.length, 'after NOOP:', bad);
+
+            // The client's own delete: imapflow stores \Deleted and sends UID EXPUNGE.
+            log.length = 0;
+            assert(await c.messageDelete(String(U(9)), { uid: true }), 'messageDelete failed');
+            const own = log.filter(e => e.kind === 'expunge');
+            assert(show(own.map(e => [e.uid, e.vanished, e.earlier])) === show([[U(9), true, false]]),
+                'own UID EXPUNGE: not exactly one VANISHED of UID', U(9), own);
+
+            // UID FETCH (CHANGEDSINCE VANISHED) since the first connection's point.
+            log.length = 0;
+            const since = cache.highestModseq;
+            for (const m of await c.fetchAll('1:*', { uid: true, flags: true }, { uid: true, changedSince: since })) {
+                cache.messages.set(m.uid, normFlags(m.flags));
+            }
+            const early = log.filter(e => e.kind === 'expunge');
+            const truth2 = await qrTruth(tg);
+            assert(early.every(e => e.vanished && e.earlier && !truth2.has(e.uid)), 'VANISHED (EARLIER) of a live UID:', early);
+            for (const u of [U(8), U(9)]) {
+                assert(early.some(e => e.uid === u), 'UID FETCH VANISHED misses', u, early);
+            }
+            bad = cacheProblems(cache, truth2);
+            assert(!bad.length, 'at the end:', bad);
+        } finally {
+            await done(c);
+        }
+    }]);
+}
+
 // ------------------------------------------------------------ main
 
 // Known proxy bugs: test name -> why. Such a test still runs; its failure
@@ -514,6 +744,7 @@ const filters = process.argv.slice(2);
 let passed = 0;
 let failed = 0;
 let xfailed = 0;
+let skipped = 0;
 for (const [name, fn] of TESTS) {
     if (filters.length && !filters.some(f => name.includes(f))) {
         continue;
@@ -530,6 +761,11 @@ for (const [name, fn] of TESTS) {
         const mark = !strict && KNOWN[name] ? 'XPASS' : 'ok  ';
         console.log(`${mark} ${name} (${((Date.now() - t0) / 1000).toFixed(1)}s)`);
     } catch (err) {
+        if (err instanceof Pending && !strict) {
+            skipped++;
+            console.log(`SKIP ${name}: ${err.message}`);
+            continue;
+        }
         const why = err instanceof AssertionError ? err.message : err.stack;
         if (!strict && KNOWN[name]) {
             xfailed++;
@@ -543,6 +779,9 @@ for (const [name, fn] of TESTS) {
 }
 if (xfailed) {
     console.log(`known failures (XFAIL, not counted; QR_STRICT=1 counts them): ${xfailed}`);
+}
+if (skipped) {
+    console.log(`pending QRESYNC tests (SKIP, not counted; QR_STRICT=1 fails them): ${skipped}`);
 }
 console.log(`${passed} passed, ${failed} failed`);
 process.exit(failed ? 1 : 0);

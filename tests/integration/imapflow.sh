@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real IMAP client library through qresyncd: imapflow (npm) resynchronises
-# INBOX with CONDSTORE against a legacy Dovecot and Courier-IMAP
+# INBOX with CONDSTORE against a legacy Dovecot and Courier-IMAP, and a
+# mailbox with QRESYNC (also against native Dovecot, the reference)
 # (tests/integration/imapflow.mjs). QRESYNCD selects the binary.
 #
 # imapflow is installed from the npm registry into
@@ -38,6 +39,10 @@ source tests/integration/servers.sh
 python3 tests/integration/seed.py "$QR_TMP/seed" >/dev/null
 export QR_SEED_MAILDIR=$QR_TMP/seed/Maildir
 start_redis
+# Native Dovecot with its own CONDSTORE and QRESYNC: the reference the
+# QRESYNC tests run against first (its own capability list).
+QR_DOVECOT_CAPS="IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE UIDPLUS CONDSTORE QRESYNC LITERAL+ NAMESPACE UNSELECT CHILDREN MOVE SPECIAL-USE" start_dovecot
+NATIVE_PORT=$DOVECOT_PORT
 start_dovecot
 start_courier
 
@@ -65,7 +70,14 @@ start_proxy dovecot "$DOVECOT_PORT" 1
 PROXY_DOVECOT_PORT=$PROXY_PORT
 start_proxy courier "$COURIER_PORT" 2
 PROXY_COURIER_PORT=$PROXY_PORT
-export PROXY_DOVECOT_PORT PROXY_COURIER_PORT DOVECOT_PORT COURIER_PORT QR_USER QR_PASS
+# A second process per upstream on the same Redis database: the QRESYNC
+# client reconnects through it (DESIGN inv. 7).
+start_proxy dovecot-b "$DOVECOT_PORT" 1
+PROXY_DOVECOT_PORT_B=$PROXY_PORT
+start_proxy courier-b "$COURIER_PORT" 2
+PROXY_COURIER_PORT_B=$PROXY_PORT
+export PROXY_DOVECOT_PORT PROXY_COURIER_PORT PROXY_DOVECOT_PORT_B PROXY_COURIER_PORT_B
+export DOVECOT_PORT COURIER_PORT NATIVE_PORT QR_USER QR_PASS
 
 rc=0
 node tests/integration/imapflow.mjs "$@" | tee "$QR_TMP/imapflow.out" || rc=$?
