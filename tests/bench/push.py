@@ -272,8 +272,8 @@ def main():
         say("latency pub/sub (poll-interval 60 s, another process's client NOOPs): %s over %d "
             "changes; that NOOP took median %.3f s" % (fmt(lat), len(lat), statistics.median(noop)))
         rows.append(("the same, poll-interval 60 s, observed by another process's client NOOP "
-                     "(pub/sub), %d changes" % len(lat), "%.2f s" % statistics.median(lat),
-                     "%.2f s" % max(lat), "a few seconds"))
+                     "(pub/sub), %d changes" % len(lat), "%.3f s" % statistics.median(lat),
+                     "%.3f s" % max(lat), "a few seconds"))
     counts, span = commands()
     total = sum(counts.values())
     per_min = total * 60.0 / span
