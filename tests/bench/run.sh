@@ -541,3 +541,14 @@ fi
 if [ "${BENCH_QRESYNC:-1}" = 1 ]; then
     tests/bench/qresync.sh || fail "qresync bench (tests/bench/qresync.sh)"
 fi
+
+# ----------------------------------------------------------------- push ----
+# Issue 7: latency from an out-of-band flag change on a legacy upstream
+# (Courier) to the FETCH at a client idling through qresyncd (poll-interval
+# 2 s and 10 s, and the pub/sub path between processes), and the internal
+# upstream commands per minute of 100 idle CONDSTORE sessions. Its own
+# servers, "bench: push ..." lines and build/bench/push.md; see
+# tests/bench/push.sh. BENCH_PUSH=0 leaves it out.
+if [ "${BENCH_PUSH:-1}" = 1 ]; then
+    tests/bench/push.sh || fail "push bench (tests/bench/push.sh)"
+fi

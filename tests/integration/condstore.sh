@@ -16,7 +16,7 @@ start_courier
 export DOVECOT_PORT DOVECOT_PID DOVECOT_MAILDIR COURIER_PORT REDIS_PORT REDIS_PID QR_TMP QR_USER QR_PASS
 # Each harness ends with "N passed, M failed"; the last line is the sum.
 passed=0 failed=0
-for suite in condstore qresync status; do
+for suite in condstore qresync status sync; do
     out=$QR_TMP/$suite.out
     python3 "tests/integration/$suite.py" "$@" 2>&1 | tee "$out" || true
     line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -n 1)
