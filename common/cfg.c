@@ -77,7 +77,8 @@ static const struct cfg_opt cfg_opts[] = {
      "upstream's name in logs, and with upstream-tls the name sent as SNI and checked against "
      "its certificate (default: upstream's host)"},
     {"redis", CFG_T_URL, CFG_FIELD(redis), 0, NULL, 0, 0, 0, "URL",
-     "state store: redis://[user[:pass]@]host[:port][/db], rediss://..., unix:///path"},
+     "state store: redis://[user[:pass]@]host[:port][/db], unix:///path, "
+     "sentinel://host:port[,...]/master[/db], cluster://host:port[,...]"},
     {"config", CFG_T_STR, CFG_FIELD(config), 0, NULL, 0, 0, CFG_F_NOFILE, "FILE",
      "INI file to read (command line or environment only)"},
     {"max-sessions", CFG_T_U64, CFG_FIELD(max_sessions), 0, "10000", 1, 10000000, 0, "N",
@@ -415,7 +416,8 @@ int cfg_parse_addr(const char *s, bool is_listen, struct cfg_addr *out)
 
 static bool url_scheme_ok(const char *s)
 {
-    static const char *const schemes[] = {"redis://", "rediss://", "unix://"};
+    /* The forms state/store.h's URL parser takes. */
+    static const char *const schemes[] = {"redis://", "unix://", "sentinel://", "cluster://"};
 
     for (size_t i = 0; i < sizeof(schemes) / sizeof(schemes[0]); i++) {
         size_t n = strlen(schemes[i]);
@@ -651,7 +653,8 @@ static int opt_set(struct cfg_loader *ld, const struct cfg_opt *o, const char *v
         return 0;
     case CFG_T_URL:
         if (*val != '\0' && !url_scheme_ok(val))
-            return cfg_fail(msg, msglen, "URL must start with redis://, rediss:// or unix://");
+            return cfg_fail(msg, msglen,
+                            "URL must start with redis://, unix://, sentinel:// or cluster://");
         str_set(f, val);
         return 0;
     case CFG_T_ADDR:

@@ -36,8 +36,9 @@
  *   upstream-name NAME    name for logs, SNI and the upstream certificate's
  *                         check; default: upstream's host.
  *   redis URL             optional; redis://[user[:pass]@]host[:port][/db],
- *                         rediss://..., unix:///path. Only the scheme is
- *                         checked. Empty = none.
+ *                         unix:///path, sentinel://..., cluster://...
+ *                         (state/store.h). Only the scheme is checked here.
+ *                         Empty = none.
  *   config FILE           command line / environment only.
  *   max-sessions N        10000         [1, 10000000]
  *   max-line SIZE         65536         [1024, 16m]

@@ -57,6 +57,17 @@ class Conn:
                 return lines
 
 
+def other_client(addr, user, password, *cmds):
+    """Another client working directly on the legacy server."""
+    o = Conn(*addr)
+    o.read_response()
+    o.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
+    o.cmd("SELECT INBOX")
+    for cmd in cmds:
+        o.cmd(cmd)
+    o.cmd("LOGOUT")
+
+
 def main():
     host, port, user, password = sys.argv[1:5]
     caps_only = "--caps-only" in sys.argv
@@ -78,12 +89,7 @@ def main():
                 modseq = l.split(b"[HIGHESTMODSEQ ")[1].split(b"]")[0].decode()
         if other is not None:
             print("-- meanwhile another client changes flags directly on the legacy server:")
-            o = Conn(*other)
-            o.read_response()
-            o.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
-            o.cmd("SELECT INBOX")
-            o.cmd("STORE 2,5 +FLAGS (\\Flagged)")
-            o.cmd("LOGOUT")
+            other_client(other, user, password, "STORE 2,5 +FLAGS (\\Flagged)")
         print("-- one round trip: only what changed since %s comes back" % modseq)
         c.cmd("UID FETCH 1:* (FLAGS) (CHANGEDSINCE %s)" % modseq)
         c.cmd("LOGOUT")
@@ -102,14 +108,8 @@ def main():
               % (uidvalidity, modseq))
         if other is not None:
             print("-- meanwhile another client works directly on the legacy server:")
-            o = Conn(*other)
-            o.read_response()
-            o.cmd('LOGIN "%s" "%s"' % (user, password), secret='LOGIN "%s" <password>' % user)
-            o.cmd("SELECT INBOX")
-            o.cmd("UID STORE 2,5 +FLAGS (\\Flagged)")
-            o.cmd("UID STORE 3 +FLAGS (\\Deleted)")
-            o.cmd("EXPUNGE")
-            o.cmd("LOGOUT")
+            other_client(other, user, password, "UID STORE 2,5 +FLAGS (\\Flagged)",
+                         "UID STORE 3 +FLAGS (\\Deleted)", "EXPUNGE")
         print("-- the phone reconnects: one round trip tells what changed since %s" % modseq)
         c = Conn(host, port)
         c.read_response()

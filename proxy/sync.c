@@ -647,7 +647,7 @@ static void sync_observe(struct sess *s, bool is_ok)
  * (a stuck holder: it expires after its TTL) only costs a snapshot of our
  * own. */
 #define SNAP_LEASE_TTL  30000
-#define SNAP_LEASE_WAIT 10000
+#define SNAP_LEASE_WAIT 3000
 
 static void sync_snap_unlease(struct sess *s)
 {

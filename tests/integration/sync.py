@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 
 import harness
 import proxy_behaviour as pb
@@ -50,38 +49,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-class Pending(Exception):
-    """The feature a test needs is not offered yet: neither pass nor fail."""
+Pending = harness.Pending
 
-
-class Suite(harness.Suite):
-    """harness.Suite plus "pend" results (Pending), counted apart."""
-
-    def main(self, argv=None):
-        passed = failed = pending = 0
-        only = sys.argv[1:] if argv is None else argv
-        for t in self.tests:
-            if only and not any(o in t.__name__ for o in only):
-                continue
-            t0 = time.time()
-            try:
-                t()
-                passed += 1
-                print("ok   %s (%.1fs)" % (t.__name__, time.time() - t0))
-            except Pending as e:
-                pending += 1
-                print("pend %s: %s" % (t.__name__, e))
-            except Exception:
-                failed += 1
-                print("FAIL %s" % t.__name__)
-                traceback.print_exc(limit=4)
-            sys.stdout.flush()
-        print("sync: %d pending (not offered yet; neither passed nor failed)" % pending)
-        print("%d passed, %d failed" % (passed, failed))
-        return 1 if failed else 0
-
-
-SUITE = Suite()
+SUITE = harness.Suite()
 test = SUITE.test
 both = SUITE.both(UPSTREAMS)
 

@@ -314,6 +314,19 @@ Test(cfg, cli_errors)
     expect_err(&ld, "--redis: URL must start with");
     cfg_fini(&ld.c);
 
+    /* Every form the state store takes (state/store.h), and nothing it
+     * would refuse at start. */
+    const char *ok_urls[] = {"redis://h:1/2", "unix:///run/redis.sock",
+                             "sentinel://h:26379,h2:26379/mymaster", "cluster://h:7000,h:7001"};
+    for (size_t i = 0; i < sizeof(ok_urls) / sizeof(ok_urls[0]); i++) {
+        load_env(&ld, NULL, ARGS(MIN_ARGS, "--redis", ok_urls[i]));
+        cr_assert_eq(ld.rc, 0, "%s: %s", ok_urls[i], ld.err);
+        cfg_fini(&ld.c);
+    }
+    load_env(&ld, NULL, ARGS(MIN_ARGS, "--redis", "rediss://h"));
+    expect_err(&ld, "--redis: URL must start with");
+    cfg_fini(&ld.c);
+
     load_env(&ld, NULL, ARGS(MIN_ARGS, "--log-level", "loud"));
     expect_err(&ld, "--log-level: 'loud'");
     cfg_fini(&ld.c);
