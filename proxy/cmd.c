@@ -160,12 +160,11 @@ static enum cmd_kind cmd_kind_of(const char *name)
 }
 
 /* Arguments of the commands the proxy rewrites for CONDSTORE: SELECT and
- * EXAMINE (mailbox, and the CONDSTORE select parameter with the bytes it
- * takes, CS-24) and ENABLE (which names are the proxy's, EN-01). */
+ * EXAMINE (mailbox, and whether CONDSTORE/QRESYNC parameters are there,
+ * CS-24, QR-30) and ENABLE (which names are the proxy's, EN-01). */
 static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
 {
     struct side *sd = &s->cli;
-    size_t from = sd->seg_off - sd->ev_used;
 
     if (strcmp(s->name, "ENABLE") == 0) {
         if (ev->kind != TOK_ATOM)
@@ -191,25 +190,21 @@ static void cmd_args_event(struct sess *s, const struct tok_ev *ev)
             s->arg_mbox = xmemdup(ev->data, ev->len), s->arg_mbox_len = ev->len;
         return;
     }
+    /* Which of the proxy's parameters the list holds; cmd_select() reads
+     * the whole line again to rewrite it. */
     if (ev->kind == TOK_LIST_OPEN && ev->depth == 1 && sd->ntok == 3) {
         s->in_params = true;
-        s->params_from = from;
         return;
     }
     if (!s->in_params)
         return;
     if (ev->kind == TOK_LIST_CLOSE && ev->depth == 0) {
         s->in_params = false;
-        s->params_to = sd->seg_off;
         return;
     }
     if (ev->kind == TOK_ATOM && sd->tok_list_depth_hint == 1) {
-        s->n_params++;
-        if (ev->len == 9 && strncasecmp(ev->data, "CONDSTORE", 9) == 0) {
+        if (ev->len == 9 && strncasecmp(ev->data, "CONDSTORE", 9) == 0)
             s->has_cs_param = true;
-            s->cs_from = from;
-            s->cs_to = sd->seg_off;
-        }
         if (ev->len == 7 && strncasecmp(ev->data, "QRESYNC", 7) == 0)
             s->has_qr_param = true;
     }
@@ -302,7 +297,7 @@ void cmd_on_event(struct sess *s, const struct tok_ev *ev)
         s->arg_mbox = NULL;
         s->in_params = s->has_cs_param = s->en_condstore = false;
         s->has_qr_param = s->en_qresync = false;
-        s->n_params = s->en_n = 0;
+        s->en_n = 0;
         buf_clear(&s->en_other, 256);
         s->tag_ok =
             (ev->kind == TOK_ATOM || ev->kind == TOK_NUMBER) && tag_mappable(ev->data, ev->len);
@@ -939,13 +934,13 @@ static int cmd_qresync_param(const char *b, const struct ltok *tk, int n, int i,
  * invalid), others go upstream for it to judge (GEN-05); proxy/sync.c
  * takes over the answer. A bad QRESYNC parameter is answered BAD here and
  * nothing is selected or closed (QR-31). */
-static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_t len)
+static void cmd_select(struct sess *s, const char *b, size_t len)
 {
     struct side *sd = &s->cli;
     struct ltok tk[LTOK_MAX];
     int n = cmd_line_tokens(s, b, len, tk);
     struct qr_select q = {0};
-    bool has_qr = false, has_cs = false, is_bad = n < 3;
+    bool has_qr = false, is_bad = n < 3;
     struct buf kept = {0};
     size_t head_end = len;
 
@@ -955,8 +950,7 @@ static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_
         while (!is_bad && i < n && tk[i].depth >= 1 &&
                !(tk[i].kind == TOK_LIST_CLOSE && tk[i].depth == 1)) {
             if (ltok_is(b, &tk[i], "CONDSTORE") && tk[i].depth == 1) {
-                has_cs = true;
-                i++;
+                i++; /* the proxy's own: removed */
             } else if (ltok_is(b, &tk[i], "QRESYNC") && tk[i].depth == 1) {
                 int next = has_qr ? -1 : cmd_qresync_param(b, tk, n, i + 1, &q);
                 is_bad = next < 0; /* QR-31; a repeated one too */
@@ -1013,8 +1007,6 @@ static void cmd_select(struct sess *s, struct buf_chunk *c, const char *b, size_
         sess_fail(s, QR_ENOMEM, "select");
         return;
     }
-    (void)has_cs;
-    (void)c;
     struct pending *p = cmd_send(s, CMD_SELECT, NULL, line.p, line.len, NULL, 0);
     p->is_select = true;
     buf_fini(&line);
@@ -1354,7 +1346,7 @@ static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, s
     if (s->offers_condstore && s->is_logged_in && !ended_in_literal &&
         (strcmp(s->name, "SELECT") == 0 || strcmp(s->name, "EXAMINE") == 0) &&
         (s->is_condstore || s->has_cs_param || s->has_qr_param) && !s->in_params) {
-        cmd_select(s, c, b, len);
+        cmd_select(s, b, len);
         return;
     }
 
@@ -1366,8 +1358,7 @@ static void cmd_begin_line(struct sess *s, struct buf_chunk *c, const char *b, s
     p->is_select = is_select;
     p->no_expunge = cmd_forbids_expunge(s, b, len);
     p->is_seq_search = strcmp(s->name, "SEARCH") == 0;
-    if (strcmp(s->name, "NOOP") == 0)
-        sync_noop_sent(s, p);
+    p->is_noop = strcmp(s->name, "NOOP") == 0; /* QR-49: it delivers what was pending */
     p->is_close = strcmp(s->name, "CLOSE") == 0 || strcmp(s->name, "UNSELECT") == 0;
     p->is_expunge = strcmp(s->name, "EXPUNGE") == 0 ||
                     (strcmp(s->name, "UID") == 0 && cmd_word2_is(s, b, len, "EXPUNGE"));

@@ -165,7 +165,7 @@ void rsp_on_event(struct sess *s, const struct tok_ev *ev)
         s->rl_enrich = s->rl_search = s->rl_drop = false;
         s->rl_uidnext = s->rl_expunge = s->rl_vanished = false;
         s->rl_stat = s->rl_stat_next = s->rl_renumbered = false;
-        s->rl_cont_swallowed = s->rl_cont_noraw = s->rl_idle_swallowed = false;
+        s->rl_cont_noraw = s->rl_idle_swallowed = false;
         s->rl_status_line = false; /* proxy/side.h */
         s->rl_status[0] = s->rl_word2[0] = '\0';
         s->rl_cmd = NULL;
@@ -392,8 +392,7 @@ void rsp_segment(struct sess *s, struct buf_chunk *c, const char *b, size_t len,
                 sync_enrich_line(s, b, len, s->rl_num, s->fp_uid, s->fp_flags.p,
                                  s->fp_flags.len))) {
         /* held for its MODSEQ (proxy/sync.c) */
-    } else if (is_eol && s->rl_kind == RL_CONT &&
-               (s->rl_cont_swallowed = sync_cont_line(s, &s->rl_cont_noraw))) {
+    } else if (is_eol && s->rl_kind == RL_CONT && sync_cont_line(s, &s->rl_cont_noraw)) {
         /* the virtual IDLE's own continuation (issue 7) */
     } else if (is_eol && s->rl_expunge && (s->rl_vanished = sync_vanish_line(s, s->rl_num))) {
         /* QR-40: sent as `* VANISHED uid` once recorded (proxy/sync.c) */

@@ -170,7 +170,6 @@ static void side_feed(struct side *sd, struct buf_chunk *c, const char *p, size_
         }
         pos += used;
         sd->seg_off += used;
-        sd->ev_used = rc == TOK_EVENT ? used : 0;
         if (rc == TOK_MORE)
             break;
         if (rc < 0) {

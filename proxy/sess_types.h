@@ -91,7 +91,6 @@ struct side {
     bool is_discarding; /* client: refused line being dropped to its end */
     bool last_lit_sync;
     unsigned tok_list_depth_hint; /* list depth after the last list event */
-    size_t ev_used;               /* bytes the last event consumed */
     /* Held by a stage (e.g. waiting for the state store): input is not
      * processed; what was read but not yet processed waits here. */
     bool is_held;                 /* some holder holds it (hold_mask) */
@@ -164,7 +163,6 @@ struct sess {
     bool rl_vanished;       /* ...and was taken by proxy/sync.c */
     bool rl_stat;           /* `* STATUS` of the proxy's own STATUS (UIDNEXT) */
     bool rl_renumbered;     /* the line's number was put in the client's terms */
-    bool rl_cont_swallowed; /* a continuation answering the proxy's own IDLE */
     bool rl_cont_noraw;     /* ...after which the client's next line is a command */
     bool rl_idle_swallowed; /* the end of an upstream IDLE the proxy ended */
     bool rl_stat_next;      /* its UIDNEXT's value comes next */
@@ -188,17 +186,13 @@ struct sess {
     /* What the command stage reads of SELECT/EXAMINE and ENABLE. */
     char *arg_mbox; /* SELECT's mailbox as sent, NULL if a literal */
     size_t arg_mbox_len;
-    bool in_params;        /* inside SELECT's parameter list */
-    bool has_cs_param;     /* CONDSTORE among them (CS-24) */
-    bool has_qr_param;     /* QRESYNC among them (QR-30) */
-    unsigned n_params;     /* items in the list */
-    size_t params_from;    /* the list's bytes in the first segment, */
-    size_t params_to;      /* its leading space included */
-    size_t cs_from, cs_to; /* the CONDSTORE item's bytes */
-    bool en_condstore;     /* ENABLE named CONDSTORE */
-    bool en_qresync;       /* ENABLE named QRESYNC */
-    unsigned en_n;         /* ENABLE's arguments */
-    struct buf en_other;   /* the names the proxy does not own */
+    bool in_params;      /* inside SELECT's parameter list */
+    bool has_cs_param;   /* CONDSTORE among them (CS-24) */
+    bool has_qr_param;   /* QRESYNC among them (QR-30) */
+    bool en_condstore;   /* ENABLE named CONDSTORE */
+    bool en_qresync;     /* ENABLE named QRESYNC */
+    unsigned en_n;       /* ENABLE's arguments */
+    struct buf en_other; /* the names the proxy does not own */
 
     /* TLS (proxy/sess_tls.c) */
     uint8_t listen_kind;     /* enum sess_listen */

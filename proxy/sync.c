@@ -467,16 +467,12 @@ static void on_observed(void *arg, int err, const struct store_result *res)
     sync_snap_unlease(s); /* stored: the others may reuse it */
     if (s->is_closing)
         return;
+    if (err == QR_ELIMIT) {
+        sync_nomodseq(s, "store limit");
+        return;
+    }
     if (err < 0) {
-        if (err == QR_ELIMIT) {
-            sync_nomodseq(s, "store limit");
-            return;
-        }
-        /* DESIGN inv. 6: never a guessed modseq. */
-        static const char bye[] = "* BYE [UNAVAILABLE] State store unreachable\r\n";
-        sess_send(&s->cli, NULL, bye, sizeof(bye) - 1);
-        sess_release(&s->up, HOLD_OBSERVE);
-        sess_fail(s, err, "state store");
+        sync_store_lost(s, err);
         return;
     }
     if (y->is_for_fetch) {
@@ -1341,13 +1337,10 @@ static char *seq_to_uid_text(struct sync *y, const char *set, size_t len)
     struct seqset uids;
     char *text = NULL;
     size_t tl;
-    uint32_t top = 0;
+    /* The highest known UID: the map ascends, unknown slots only after it. */
+    uint32_t top = y->map.top > 0 ? msgmap_uid(&y->map, y->map.top) : 0;
     bool has_new;
 
-    for (uint32_t i = 1; i <= y->map.n; i++) {
-        uint32_t u = msgmap_uid(&y->map, i);
-        top = u > top ? u : top;
-    }
     seqset_init(&uids);
     int rc = client_set(y, set, len, &uids, NULL, &has_new);
     if (rc == 0 && has_new && top < UINT32_MAX)
@@ -1432,6 +1425,13 @@ static struct pending *sync_send_split(struct sess *s, const struct cs_fetch *f,
 
 /* Send the FETCH upstream for subset (NULL: the client's whole set, with
  * the filter doing the work), or answer it here when subset is empty. */
+/* The UIDs of the session's view as a set (a slot not known yet is 0,
+ * which no set the proxy compares it with holds). */
+static int map_live_uids(const struct sync *y, struct seqset *out)
+{
+    return seqset_from_list(out, y->map.uid, y->map.n);
+}
+
 /* Format a set: "" when it is empty (both malloc'ed), NULL on error. */
 static char *set_text_or_empty(const struct seqset *set)
 {
@@ -1523,11 +1523,7 @@ static void sync_search_send(struct sess *s, const struct store_msg *msgs, size_
             struct seqset live, rest;
             seqset_init(&live);
             seqset_init(&rest);
-            for (uint32_t i = 1; rc == 0 && i <= y->map.n; i++) {
-                uint32_t u = msgmap_uid(&y->map, i);
-                if (u != 0)
-                    rc = seqset_add(&live, u);
-            }
+            rc = map_live_uids(y, &live);
             if (rc == 0)
                 rc = seqset_difference(&live, &set, &rest);
             if (rc == 0 && !seqset_is_empty(&rest))
@@ -2228,11 +2224,7 @@ static int sync_vanished_text(struct sync *y, const struct seqset *want, const u
             rc = seqset_intersect(&gone, want, &van);
         seqset_fini(&gone);
     } else {
-        for (uint32_t i = 1; rc == 0 && i <= y->map.n; i++) {
-            uint32_t u = msgmap_uid(&y->map, i);
-            if (u != 0)
-                rc = seqset_add(&live, u);
-        }
+        rc = map_live_uids(y, &live);
         if (rc == 0)
             rc = seqset_difference(want, &live, &van);
         if (rc == 0 && match != NULL && match->seqs != NULL) {
@@ -2368,12 +2360,6 @@ static void qr49_seen(struct sync *y, uint64_t prev, uint64_t after)
 static void qr49_noop_done(struct sync *y)
 {
     y->pend_low = 0;
-}
-
-void sync_noop_sent(struct sess *s, struct pending *p)
-{
-    (void)s;
-    p->is_noop = true;
 }
 
 /* A MODSEQ went to the client. */
@@ -2586,8 +2572,21 @@ bool sync_code_is_tagged(const struct sess *s, const struct pending *p)
 
 /* ------------------------------------- new messages' UIDs (QR-41, CS-21) */
 
-/* Look the UIDs of new messages up with `UID FETCH n:* (UID FLAGS)` once
- * the upstream is not in IDLE; its answers fill the map only. */
+/* `FETCH n:* (UID FLAGS)` from the first message whose UID is unknown: by
+ * message numbers, so no expunge comes inside it; its answers fill the map
+ * and reach the client as unsolicited FETCH with UID and MODSEQ. */
+static void sync_lookup_send(struct sess *s)
+{
+    struct sync *y = s->sync;
+    char cmd[64];
+
+    snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", msgmap_first_unknown(&y->map));
+    y->lookup = cmd_internal(s, cmd);
+    sess_flush(s);
+}
+
+/* Look the UIDs of new messages up once the upstream is not in IDLE (in
+ * IDLE the virtual IDLE does it). */
 static void sync_lookup(struct sess *s)
 {
     struct sync *y = s->sync;
@@ -2599,10 +2598,7 @@ static void sync_lookup(struct sess *s)
         if (p->kind == CMD_IDLE && !p->is_done)
             return; /* after DONE (sync_idle) */
     }
-    uint32_t first = msgmap_first_unknown(&y->map);
-    char cmd[64];
-    snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", first);
-    y->lookup = cmd_internal(s, cmd);
+    sync_lookup_send(s);
 }
 
 /* ------------------------------------ the synchroniser (issue 7) */
@@ -2738,11 +2734,8 @@ static void sync_vidle_after_poll(struct sess *s)
     struct sync *y = s->sync;
 
     if (!msgmap_is_complete(&y->map) && !y->is_client_done) {
-        char cmd[64];
-        snprintf(cmd, sizeof(cmd), "FETCH %u:* (UID FLAGS)", msgmap_first_unknown(&y->map));
         y->vidle = VI_LOOKUP;
-        y->lookup = cmd_internal(s, cmd);
-        sess_flush(s);
+        sync_lookup_send(s);
         return;
     }
     sync_vidle_resume(s);

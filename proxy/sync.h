@@ -225,10 +225,6 @@ bool sync_swallows_idle_end(struct sess *s, const struct pending *p);
  * commands are running upstream; the client's IDLE is answered after). */
 bool sync_client_done(struct sess *s);
 
-/* The client's NOOP p went upstream: when it completes, the changes
- * pending for this client then have been reported to it (QR-49). */
-void sync_noop_sent(struct sess *s, struct pending *p);
-
 /* No client command is in flight any more (proxy/cmd.c). */
 void sync_idle(struct sess *s);
 
