@@ -39,11 +39,7 @@ def proxy(up="dovecot", *args):
 
 
 def highest(lines):
-    for l in lines:
-        m = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", l)
-        if m:
-            return int(m.group(1))
-    return None
+    return pb.code_number(lines, "HIGHESTMODSEQ")
 
 
 def redis(*args):

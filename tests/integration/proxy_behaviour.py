@@ -89,6 +89,16 @@ class Proxy:
                 raise AssertionError("sanitizer report in the qresyncd log:\n" + log[-3000:])
 
 
+def code_number(lines, code):
+    """The number of the first `[code n]` response code in lines, or None."""
+    pat = re.compile(rb"\[" + code.encode() + rb" (\d+)\]")
+    for l in lines:
+        m = pat.search(l)
+        if m:
+            return int(m.group(1))
+    return None
+
+
 def offering(p):
     """Wait until p offers CONDSTORE: a session is offered it only when
     its Redis connection is up at the greeting (CS-01, inv. 6), which

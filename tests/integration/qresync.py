@@ -114,19 +114,11 @@ def oob(up, mbox, *cmds):
 
 
 def highest(lines):
-    for l in lines:
-        m = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", l)
-        if m:
-            return int(m.group(1))
-    return None
+    return pb.code_number(lines, "HIGHESTMODSEQ")
 
 
 def uidvalidity(lines):
-    for l in lines:
-        m = re.search(rb"\[UIDVALIDITY (\d+)\]", l)
-        if m:
-            return int(m.group(1))
-    return None
+    return pb.code_number(lines, "UIDVALIDITY")
 
 
 def uidset(text):
